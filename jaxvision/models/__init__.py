@@ -1,0 +1,14 @@
+"""The jaxvision model zoo, usable without the trainer.
+
+    from jaxvision import models
+    model = models.create("resnet50", num_classes=10)
+    variables = model.init(jax.random.key(0), images)          # images: NHWC, normalised
+    logits = model.apply(variables, images, train=False)
+    features = model.apply(variables, images, pre_logits=True)  # pooled, without the head
+"""
+
+from jaxvision.models import efficientnet, mobilenet, resnet, vit  # noqa: F401  (registration)
+from jaxvision.models.registry import ModelCard, create, list_models, model_card
+from jaxvision.models.util import count_params, init_shapes
+
+__all__ = ["ModelCard", "create", "list_models", "model_card", "count_params", "init_shapes"]

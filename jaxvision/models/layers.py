@@ -1,0 +1,126 @@
+"""Building blocks shared by the zoo.
+
+Every parameter is created with logical axis names (`nn.with_logical_partitioning`) so the
+trainer can shard it by rules; convolutions pad like PyTorch (or like TensorFlow's "SAME" for the
+`tf_` ports) so converted timm weights give the same logits; module names mirror timm's so that
+`convert.from_torch` can map state-dict keys generically.
+
+Logical axis vocabulary: convolutions ``(None, None, "conv_in", "conv_out")``, norms and biases
+``("conv_out",)`` / ``("embed",)``, classifier ``("features", "classes")``, ViT ``"embed"``,
+``"mlp"``, ``"heads"``, ``"kv"``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+
+ACTIVATIONS: dict[str, Callable] = {
+    "relu": nn.relu,
+    "relu6": nn.relu6,
+    "swish": nn.silu,
+    "hard_swish": nn.hard_swish,
+    "hard_sigmoid": nn.hard_sigmoid,
+    "sigmoid": nn.sigmoid,
+    "gelu": functools.partial(nn.gelu, approximate=False),
+}
+
+# Variance-preserving init for ReLU-family networks, fan-out as in the timm/TF references.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# For depthwise kernels (k, k, 1, C) the per-group fan-out k*k equals Flax's fan-in.
+grouped_conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+def torch_padding(kernel: int, stride: int = 1, dilation: int = 1) -> tuple:
+    """Symmetric padding PyTorch/timm use for a kernel of this size and stride."""
+    p = ((stride - 1) + dilation * (kernel - 1)) // 2
+    return ((p, p), (p, p))
+
+
+class ZooModule(nn.Module):
+    """Base for zoo modules: compute/parameter dtypes and layer factories that use them."""
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def conv(self, features: int, kernel: int, *, stride: int = 1, groups: int = 1,
+             bias: bool = False, padding: str = "torch", name: str,
+             kernel_init: Callable = conv_init) -> nn.Conv:
+        """`padding`: "torch" (symmetric, as timm), "same" (TensorFlow's, for `tf_` ports), "valid"."""
+        pad = {"same": "SAME", "valid": "VALID"}.get(padding) or torch_padding(kernel, stride)
+        in_axis = "conv_in" if groups == 1 else None
+        if groups > 1 and kernel_init is conv_init:
+            kernel_init = grouped_conv_init  # fan-out per group, as timm's fix_group_fanout
+        return nn.Conv(
+            features, (kernel, kernel), strides=stride, padding=pad, feature_group_count=groups,
+            use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(kernel_init, (None, None, in_axis, "conv_out")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+            name=name)
+
+    def batch_norm(self, train: bool, *, name: str, eps: float = 1e-5,
+                   zero_init: bool = False) -> nn.BatchNorm:
+        """BatchNorm with PyTorch's default momentum (0.1 there = 0.9 here)."""
+        scale_init = nn.initializers.zeros if zero_init else nn.initializers.ones
+        return nn.BatchNorm(
+            use_running_average=not train, momentum=0.9, epsilon=eps,
+            dtype=self.dtype, param_dtype=self.param_dtype,
+            scale_init=nn.with_logical_partitioning(scale_init, ("conv_out",)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+            name=name)
+
+    def layer_norm(self, name: str, eps: float = 1e-6) -> nn.LayerNorm:
+        return nn.LayerNorm(
+            epsilon=eps, dtype=self.dtype, param_dtype=self.param_dtype,
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            name=name)
+
+    def dense(self, features: int | Sequence[int], *, axes: tuple, name: str, in_axes: int | tuple = -1,
+              kernel_init: Callable = nn.initializers.xavier_uniform(),
+              bias_init: Callable = nn.initializers.zeros) -> nn.DenseGeneral:
+        """Dense layer; `axes` names every kernel axis (inputs then outputs)."""
+        n_out = 1 if isinstance(features, int) else len(features)
+        return nn.DenseGeneral(
+            features, axis=in_axes, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+            bias_init=nn.with_logical_partitioning(bias_init, axes[-n_out:]),
+            name=name)
+
+    def classifier(self, x, num_classes: int, *, drop_rate: float, train: bool, name: str,
+                   in_axis: str = "features"):
+        """Dropout + linear head in float32 logits; `num_classes == 0` returns the features."""
+        if num_classes <= 0:
+            return x
+        x = nn.Dropout(drop_rate)(x, deterministic=not train)
+        logits = self.dense(num_classes, axes=(in_axis, "classes"), name=name,
+                            kernel_init=nn.initializers.zeros)(x)
+        return logits.astype(jnp.float32)
+
+
+def drop_path(x, rate: float, train: bool):
+    """Stochastic depth: drop whole samples' residual branches, rescale the kept ones."""
+    if rate <= 0.0 or not train:
+        return x
+    return nn.Dropout(rate, broadcast_dims=tuple(range(1, x.ndim)))(x, deterministic=False)
+
+
+class Sequential(nn.Module):
+    """Runs `layers` in order with children named "0", "1", ... like PyTorch's nn.Sequential,
+    so parameter paths mirror timm's (``layer1/0/conv1`` <-> ``layer1.0.conv1``).
+
+    Each layer is a module factory (a class or `functools.partial`) called as `layer(x, train)`.
+    """
+
+    layers: Sequence[Callable[..., nn.Module]]
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        for i, make in enumerate(self.layers):
+            x = make(name=str(i))(x, train)
+        return x

@@ -1,0 +1,112 @@
+"""Parity with timm: convert a randomly initialised timm model and compare logits.
+
+Skipped only where torch/timm are not installed (the `parity` extra); CI installs them."""
+
+import functools
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxvision import models
+from jaxvision.models import convert
+
+torch = pytest.importorskip("torch", reason="parity tests need the `parity` extra (torch, timm)")
+timm = pytest.importorskip("timm", reason="parity tests need the `parity` extra (torch, timm)")
+
+PARITY_MODELS = ["resnet50", "efficientnet_b0", "tf_efficientnet_b0", "mobilenetv3_large_100",
+                 "mobilenetv2_100", "vit_small_patch16_224", "deit_tiny_distilled_patch16_224"]
+
+
+def _timm_model(name: str, **kwargs):
+    """A timm model in eval mode with randomised BatchNorm statistics and affine parameters, so
+    that a mistake in mapping running stats or norm weights shows in the logits."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_(1.0, 0.2)
+            m.bias.data.normal_(0.0, 0.2)
+    return model
+
+
+def _logits(name, variables, images_nchw, **kwargs):
+    model = models.create(name, **kwargs)
+    apply = jax.jit(functools.partial(model.apply, train=False))
+    return np.asarray(apply(variables, images_nchw.transpose(0, 2, 3, 1)))
+
+
+def _assert_parity(ours, ref):
+    rel = np.abs(ours - ref).max() / np.abs(ref).max()
+    assert rel < 1e-4, f"max |diff| / max |ref| = {rel:.2e}"
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("name", PARITY_MODELS)
+def test_logits_match_timm(name):
+    kwargs = {"img_size": 64} if name.startswith(("vit", "deit")) else {}
+    ref_model = _timm_model(name, **kwargs)
+    x = np.random.RandomState(0).randn(2, 3, 64, 64).astype(np.float32)
+    with torch.no_grad():
+        ref = ref_model(torch.from_numpy(x)).numpy()
+    variables = convert.from_torch(name, ref_model.state_dict(), **kwargs)
+    _assert_parity(_logits(name, variables, x, **kwargs), ref)
+
+
+@pytest.mark.parity
+def test_num_classes_is_read_from_the_checkpoint_and_pos_embed_resampled():
+    ref_model = _timm_model("vit_tiny_patch16_224", img_size=32, num_classes=10)
+    variables = convert.from_torch("vit_tiny_patch16_224", ref_model.state_dict(), img_size=64)
+    assert variables["params"]["head"]["kernel"].shape == (192, 10)
+    assert variables["params"]["pos_embed"].shape == (1, 1 + 16, 192)  # 2x2 grid -> 4x4 grid
+
+
+@pytest.mark.parity
+def test_checkpoint_of_another_model_is_rejected_with_the_keys_named():
+    state = _timm_model("resnet18").state_dict()
+    with pytest.raises(convert.ConversionError) as err:
+        convert.from_torch("resnet50", state)
+    message = str(err.value)
+    assert "is it a resnet50 checkpoint" in message
+    assert "missing (165)" in message and "layer1.0.bn3." in message
+    assert "wrong shape" in message and "layer1.0.conv1.weight" in message
+
+
+@pytest.mark.parity
+def test_pth_reader_needs_no_torch_and_matches_torch_load(tmp_path):
+    state = _timm_model("mobilenetv3_small_100").state_dict()
+    state["half"] = torch.arange(6, dtype=torch.float16).reshape(2, 3).t()  # non-contiguous
+    state["bf16"] = torch.ones(3, dtype=torch.bfloat16)
+    torch.save({"epoch": 3, "state_dict": state}, tmp_path / "ckpt.pth")
+    loaded = convert.load_state_dict(str(tmp_path / "ckpt.pth"))
+    assert set(loaded) == set(state)
+    for k, v in state.items():
+        np.testing.assert_array_equal(np.asarray(loaded[k], dtype=np.float32), v.float().numpy())
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_command_line_writes_weights_the_trainer_can_load(tmp_path, suffix):
+    import orbax.checkpoint as ocp
+
+    ref_model = _timm_model("resnet18", num_classes=5)
+    path = str(tmp_path / f"r18{suffix}")
+    if suffix == ".pth":
+        torch.save(ref_model.state_dict(), path)
+    else:
+        from safetensors.torch import save_file
+        save_file(ref_model.state_dict(), path)
+    out = tmp_path / "converted"
+    assert convert.main(["--model", "resnet18", "--checkpoint", path, "--out", str(out)]) == 0
+    meta = json.loads((out / "model.json").read_text())
+    assert meta == {"model": "resnet18", "num_classes": 5, "params": 11_179_077}
+    variables = ocp.StandardCheckpointer().restore(str(out / "variables"))
+    x = np.random.RandomState(1).randn(2, 3, 32, 32).astype(np.float32)
+    with torch.no_grad():
+        ref = ref_model(torch.from_numpy(x)).numpy()
+    _assert_parity(_logits("resnet18", variables, x, num_classes=5), ref)
+    # A second run must not overwrite what the first wrote.
+    assert convert.main(["--model", "resnet18", "--checkpoint", path, "--out", str(out)]) == 2
