@@ -23,15 +23,15 @@ from typing import Any, Mapping
 import flax
 import numpy as np
 
+from jaxvision.errors import UserError
 from jaxvision.models import vit
-from jaxvision.models.registry import create
+from jaxvision.models.registry import HEAD_NAMES, create
 from jaxvision.models.util import count_params, init_shapes
 
-_HEADS = ("fc", "classifier", "head")
 _PREFIX_TOKENS = ("cls_token", "dist_token")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """The state dict does not fit the model: lists what is missing, unexpected or mis-shaped."""
 
 
@@ -44,7 +44,7 @@ def to_numpy(value: Any) -> np.ndarray:
 
 def infer_num_classes(state_dict: Mapping[str, Any]) -> int:
     """Classes of the checkpoint's classifier (0 if it was saved without one)."""
-    for head in _HEADS:
+    for head in HEAD_NAMES:
         if f"{head}.weight" in state_dict:
             return int(state_dict[f"{head}.weight"].shape[0])
     return 0
@@ -167,7 +167,7 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
                               "pip install safetensors") from None
         return load_file(path)
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is not a zip-format torch checkpoint (torch.save since PyTorch 1.6) "
+        raise UserError(f"{path} is not a zip-format torch checkpoint (torch.save since PyTorch 1.6) "
                          "nor .safetensors; re-save it with torch.save(model.state_dict(), path)")
     with zipfile.ZipFile(path) as archive:
         pkl = next(n for n in archive.namelist() if n.endswith("data.pkl"))
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         state_dict = load_state_dict(args.checkpoint)
         variables = from_torch(args.model, state_dict)
         save_converted(args.out, args.model, variables, infer_num_classes(state_dict))
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+    except (UserError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.model} ({count_params(variables['params']):,} parameters) to {args.out}")

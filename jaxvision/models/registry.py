@@ -13,9 +13,13 @@ import fnmatch
 
 import flax.linen as nn
 
+from jaxvision.errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
+# Top-level module names of classifier heads across the zoo (timm's names).
+HEAD_NAMES = ("fc", "classifier", "head", "head_dist")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +61,7 @@ def _entry(name: str) -> _Entry:
     except KeyError:
         close = difflib.get_close_matches(name, _REGISTRY, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"Unknown model {name!r}.{hint} "
+        raise UserError(f"Unknown model {name!r}.{hint} "
                          f"See jaxvision.models.list_models() for the {len(_REGISTRY)} names.") from None
 
 
@@ -76,6 +80,6 @@ def create(name: str, **overrides) -> nn.Module:
     entry = _entry(name)
     bad = sorted(set(overrides) - entry.fields())
     if bad:
-        raise ValueError(f"{name} does not take {', '.join(bad)}; "
+        raise UserError(f"{name} does not take {', '.join(bad)}; "
                          f"it takes: {', '.join(sorted(entry.fields() - set(entry.arch)))}")
     return entry.module(**{**entry.arch, "num_classes": entry.card.num_classes, **overrides})

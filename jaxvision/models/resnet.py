@@ -10,6 +10,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxvision.errors import UserError
 from jaxvision.models import layers
 from jaxvision.models.registry import ModelCard, register
 
@@ -63,8 +64,13 @@ class Bottleneck(BasicBlock, kw_only=True):
 
 
 class ResNet(layers.ZooModule, kw_only=True):
+    """`stem="3x3"` (a stride-1 3x3 conv, no max-pool) and a smaller `width` adapt the network to
+    small images such as CIFAR or digits; the defaults are timm's ImageNet ResNet."""
+
     block: str = "bottleneck"
     depths: Sequence[int] = (3, 4, 6, 3)
+    stem: str = "7x7"
+    width: int = 64
     num_classes: int = 1000
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
@@ -78,13 +84,17 @@ class ResNet(layers.ZooModule, kw_only=True):
         return self.classifier(x, self.num_classes, drop_rate=self.drop_rate, train=train, name="fc")
 
     def forward_features(self, x, train: bool):
-        x = self.conv(64, 7, stride=2, name="conv1")(x.astype(self.dtype))
+        if self.stem not in ("7x7", "3x3"):
+            raise UserError(f"ResNet stem must be '7x7' or '3x3', not {self.stem!r}")
+        big = self.stem == "7x7"
+        x = self.conv(self.width, 7 if big else 3, stride=2 if big else 1, name="conv1")(x.astype(self.dtype))
         x = nn.relu(self.batch_norm(train, name="bn1")(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        if big:
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         block = {"basic": BasicBlock, "bottleneck": Bottleneck}[self.block]
-        total, index, in_ch = sum(self.depths), 0, 64
+        total, index, in_ch = sum(self.depths), 0, self.width
         for stage, depth in enumerate(self.depths):
-            planes, blocks = 64 * 2 ** stage, []
+            planes, blocks = self.width * 2 ** stage, []
             for i in range(depth):
                 stride = 2 if stage > 0 and i == 0 else 1
                 blocks.append(functools.partial(

@@ -1,0 +1,70 @@
+"""The config schema: every field a recipe can set, with neutral defaults.
+
+Recipes (`configs/*.py`) start from `base()` and change what they need, so a field exists in every
+config and `--config.<field>=value` overrides work uniformly (ml_collections rejects unknown fields).
+"""
+
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "resnet50"
+    c.model.kwargs = ml_collections.ConfigDict()  # passed to models.create (e.g. drop_path_rate)
+    c.model.num_classes = 0  # 0: from the dataset
+    c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "digits"  # digits | folder:/path | tfds:NAME
+    c.data.train_split = "train"
+    c.data.eval_split = "test"
+    c.data.eval_dataset = ""  # "": the training dataset
+    c.data.data_dir = ""  # TFDS data_dir
+    c.data.val_fraction = 0.1  # image folders: share held out as split "val"
+    c.data.image_size = 0  # 0: the model card's input size
+    c.data.augment = "rrc_flip"  # rrc_flip | pad_crop_flip | pad_crop | none
+    c.data.rrc_scale = (0.08, 1.0)
+    c.data.crop_pct = 0.0  # 0: the model card's
+    c.data.interpolation = ""  # "": the model card's
+    c.data.threads = 4  # grain read threads per process
+    c.data.workers = 0  # grain worker processes (mp_prefetch); 0 = threads only
+
+    c.batch_size = 128  # global
+    c.eval_batch_size = 0  # 0: batch_size
+    c.num_epochs = 10.0
+    c.num_steps = 0  # > 0 overrides num_epochs
+    c.run_steps = 0  # > 0: stop with a checkpoint after this many steps of this invocation
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "sgd"  # sgd | adamw | lamb | lars | adafactor
+    c.optim.lr = 0.1
+    c.optim.schedule = "cosine"  # cosine | linear | step | constant
+    c.optim.warmup_steps = 0
+    c.optim.min_lr_ratio = 0.0
+    c.optim.step_boundaries = (0.3, 0.6, 0.9)  # fractions of training, for schedule=step
+    c.optim.step_factor = 0.1
+    c.optim.momentum = 0.9
+    c.optim.nesterov = False
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.weight_decay = 0.0
+    c.optim.grad_clip = 0.0  # global-norm clipping; 0 = off
+    c.optim.accumulate = 1  # gradient accumulation steps (optax.MultiSteps)
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.label_smoothing = 0.0
+
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.mesh_dcn = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})  # across slices/hosts
+    c.fsdp_min_size = 2 ** 18  # parameters smaller than this (elements) stay replicated
+    c.distributed = "auto"  # auto | true | false: jax.distributed.initialize()
+
+    c.log_every = 50
+    c.eval_every = 0  # steps; 0 = once per epoch
+    c.checkpoint_every = 0  # steps; 0 = at evaluations and at the end
+    c.keep_checkpoints = 2  # latest kept, plus the best by val_top1
+    c.init_from = ""  # converted weights (python -m jaxvision.models.convert) or a workdir
+    return c

@@ -1,0 +1,117 @@
+"""grain pipelines that feed the mesh.
+
+Training data is a grain `MapDataset` all the way to the batch: this process's shard of the source,
+shuffled with a fresh permutation every epoch, augmented with per-element generators, batched. So
+batch `k` is a pure function of (seed, k): resuming at step `k` means slicing at `k`, and the
+iterator position saved in a checkpoint is just that number. Host batches become global
+`jax.Array`s (`jax.make_array_from_process_local_data`) in a background thread that keeps a few
+steps ahead of the device.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from typing import Iterator
+
+import grain
+import jax
+import numpy as np
+
+from jaxvision.data.sources import Source
+from jaxvision.parallel.mesh import batch_sharding
+
+
+def _shard(source: Source) -> grain.MapDataset:
+    ds = grain.MapDataset.source(source)
+    return ds[jax.process_index()::jax.process_count()]
+
+
+def _read(ds: grain.MapDataset, threads: int, workers: int) -> grain.IterDataset:
+    out = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * max(threads, 1)))
+    if workers > 0:
+        out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return out
+
+
+def train_batches(source: Source, transform, *, batch_size: int, seed: int, start_step: int = 0,
+                  threads: int = 4, workers: int = 0) -> Iterator[dict]:
+    """Endless host batches of `batch_size` (this process's share) starting at batch `start_step`."""
+    ds = _shard(source).seed(seed).shuffle().repeat().random_map(transform)
+    ds = ds.batch(batch_size, drop_remainder=True)[start_step:]
+    return iter(_read(ds, threads, workers))
+
+
+def num_eval_batches(num_examples: int, batch_size: int) -> int:
+    """Batches every process runs, so all processes take part in every eval step."""
+    return math.ceil(math.ceil(num_examples / jax.process_count()) / batch_size)
+
+
+def eval_batches(source: Source, transform, *, batch_size: int, threads: int = 4) -> Iterator[dict]:
+    """This process's share of the whole split, in order, each batch padded to `batch_size` with a
+    `mask` marking real examples; every process yields the same number of batches."""
+    ds = _shard(source).map(transform).batch(batch_size, drop_remainder=False)
+    template = None
+    count = 0
+    for batch in _read(ds, threads, 0):
+        n = len(batch["label"])
+        template = batch
+        yield _pad(batch, batch_size, n)
+        count += 1
+    for _ in range(num_eval_batches(len(source), batch_size) - count):
+        yield _pad({k: v[:0] for k, v in template.items()}, batch_size, 0)
+
+
+def _pad(batch: dict, size: int, valid: int) -> dict:
+    out = {k: np.concatenate([v, np.zeros((size - len(v),) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+    out["mask"] = (np.arange(size) < valid).astype(np.float32)
+    return out
+
+
+def to_global(batch: dict, mesh) -> dict:
+    """Process-local numpy batch -> global `jax.Array`s sharded over the data-parallel axes."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+            for k, v in batch.items()}
+
+
+def prefetch_to_mesh(batches: Iterator[dict], mesh, size: int = 2) -> Iterator[dict]:
+    """Put batches on the devices `size` steps ahead, in a background thread, so host-to-device
+    copies overlap the step. Errors in the pipeline are re-raised in the consumer; closing the
+    generator stops and joins the thread (a thread left inside a JAX call at interpreter exit
+    aborts the process)."""
+    q: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for batch in batches:
+                if stop.is_set() or not put(to_global(batch, mesh)):
+                    return
+            put(done)
+        except BaseException as e:  # noqa: BLE001  (handed to the consumer)
+            put(e)
+
+    thread = threading.Thread(target=produce, daemon=True, name="prefetch_to_mesh")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()

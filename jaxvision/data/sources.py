@@ -1,0 +1,190 @@
+"""Random-access data sources for grain: the bundled digits, an image folder, TFDS ArrayRecord.
+
+A source yields ``{"image": uint8 (H, W, 3), "label": int}`` by index. Sources that decode files
+report an unreadable image once, with its path, and serve the next readable one in its place, so
+one corrupt JPEG in a million never stops a run (nor crashes inside a grain worker) and batches
+keep their size, which keeps the data order a pure function of the step for exact resume.
+
+Dataset names: ``digits``, ``folder:/path/to/root`` (one subfolder per class), ``tfds:NAME``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from typing import Sequence
+
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from jaxvision.errors import UserError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+class DataError(UserError):
+    """A dataset cannot be opened as configured; the message says what to change."""
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) from grayscale (H, W) / (H, W, 1) or RGBA (H, W, 4)."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    return np.ascontiguousarray(image[..., :3], dtype=np.uint8)
+
+
+class Source:
+    """Base: `__getitem__` with corrupt-element fallback; subclasses implement `_load`."""
+
+    class_names: Sequence[str]
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _load(self, index: int) -> dict:
+        raise NotImplementedError
+
+    def _describe(self, index: int) -> str:
+        return f"element {index}"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self)
+        for attempt in range(min(n, 100)):
+            i = (index + attempt) % n
+            try:
+                return self._load(i)
+            except Exception as e:  # noqa: BLE001  (any decode failure means: skip this one)
+                logging.warning("skipping unreadable image %s: %s: %s",
+                                self._describe(i), type(e).__name__, e)
+        raise DataError(f"100 consecutive unreadable images from {self._describe(index)} on; "
+                        "is this really an image dataset?")
+
+
+class ArraySource(Source):
+    """In-memory images and labels."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str]):
+        self.images, self.labels, self.class_names = images, labels, list(class_names)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def _load(self, index):
+        return {"image": self.images[index], "label": int(self.labels[index])}
+
+
+def digits(split: str, test_fraction: float = 0.2) -> ArraySource:
+    """scikit-learn's 1,797 handwritten 8x8 digits (bundled: works offline), as RGB uint8, with a
+    fixed stratified-by-chance split: "train" (80%), "test" (20%) or "all"."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = np.repeat(np.round(data.images * (255 / 16)).astype(np.uint8)[..., None], 3, axis=-1)
+    order = np.random.RandomState(0).permutation(len(images))
+    n_test = int(round(len(images) * test_fraction))
+    index = {"test": order[:n_test], "train": order[n_test:], "all": order}
+    if split not in index:
+        raise DataError(f"digits has splits train, test, all; not {split!r}")
+    pick = np.sort(index[split])
+    return ArraySource(images[pick], data.target[pick], [str(d) for d in range(10)])
+
+
+def _in_validation(relative_path: str, fraction: float) -> bool:
+    """Stable split membership from the file's path: adding files never moves the others."""
+    h = int.from_bytes(hashlib.md5(relative_path.encode()).digest()[:4], "little")
+    return h / 2 ** 32 < fraction
+
+
+class FolderSource(Source):
+    """``root/<class>/<image>``: classes are the sorted subfolder names."""
+
+    def __init__(self, root: str, split: str = "all", val_fraction: float = 0.1):
+        root = os.path.expanduser(root)
+        if not os.path.isdir(root):
+            raise DataError(f"data directory {root} does not exist; extract the dataset there "
+                            f"(one subfolder per class) or fix config.data.dataset")
+        if split not in ("train", "val", "all"):
+            raise DataError(f"an image folder has splits train, val (config.data.val_fraction "
+                            f"of it, chosen by file path) and all; not {split!r}")
+        self.root = root
+        self.class_names = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        if not self.class_names:
+            raise DataError(f"{root} has no class subfolders; expected {root}/<class>/<image>")
+        files, labels = [], []
+        for label, name in enumerate(self.class_names):
+            for entry in sorted(os.scandir(os.path.join(root, name)), key=lambda e: e.name):
+                if not entry.name.lower().endswith(IMAGE_SUFFIXES):
+                    continue
+                rel = f"{name}/{entry.name}"
+                if split == "all" or (split == "val") == _in_validation(rel, val_fraction):
+                    files.append(rel)
+                    labels.append(label)
+        if not files:
+            raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) for split {split!r} under {root}")
+        self.files, self.labels = files, np.asarray(labels, np.int64)
+
+    def __len__(self):
+        return len(self.files)
+
+    def _describe(self, index):
+        return os.path.join(self.root, self.files[index])
+
+    def _load(self, index):
+        with open(self._describe(index), "rb") as f:
+            raw = f.read()
+        with Image.open(io.BytesIO(raw)) as img:
+            image = np.asarray(img.convert("RGB"))
+        return {"image": image, "label": int(self.labels[index])}
+
+
+class TfdsSource(Source):
+    """A prepared TFDS dataset read through `tfds.data_source` (ArrayRecord; no TensorFlow)."""
+
+    def __init__(self, name: str, split: str, data_dir: str | None = None):
+        import tensorflow_datasets as tfds
+
+        try:
+            self.source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+            info = tfds.builder(name, data_dir=data_dir).info
+        except tfds.core.registered.DatasetNotFoundError:
+            raise DataError(f"TFDS has no dataset {name!r}") from None
+        except Exception as e:  # noqa: BLE001  (tfds raises many kinds for "not prepared")
+            raise DataError(
+                f"TFDS dataset {name} (split {split!r}) cannot be read from data_dir "
+                f"{data_dir or '~/tensorflow_datasets'}: {type(e).__name__}: {str(e).splitlines()[0]}\n"
+                f"Prepare it in ArrayRecord format (tfds build {name} --file_format=array_record "
+                f"--data_dir=DIR) and set config.data.data_dir=DIR") from None
+        self.name = name
+        self.class_names = list(info.features["label"].names)
+
+    def __len__(self):
+        return len(self.source)
+
+    def _describe(self, index):
+        return f"{self.name} record {index}"
+
+    def _load(self, index):
+        record = self.source[index]
+        return {"image": to_rgb(record["image"]), "label": int(record["label"])}
+
+
+def open_source(dataset: str, split: str, *, data_dir: str | None = None,
+                val_fraction: float = 0.1) -> Source:
+    """A source from a dataset name (see module docstring)."""
+    kind, _, arg = dataset.partition(":")
+    if kind == "digits" and not arg:
+        return digits(split)
+    if kind == "folder" and arg:
+        return FolderSource(arg, split, val_fraction)
+    if kind == "tfds" and arg:
+        return TfdsSource(arg, split, data_dir)
+    raise DataError(f"unknown dataset {dataset!r}; use digits, folder:/path/to/root or tfds:NAME")

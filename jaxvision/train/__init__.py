@@ -1,0 +1,1 @@
+"""Training: state, optimizer, losses, the jitted steps and the loop."""
