@@ -98,37 +98,60 @@ def _load_variables(path: str) -> tuple[dict, str | None]:
                           "(with model.json) or a jaxvision workdir (with checkpoints/)")
 
 
-def init_from(path: str, model_name: str, params, batch_stats) -> tuple[Any, Any, list[str]]:
-    """Overlay weights from `path` onto freshly initialised `params` / `batch_stats` (host or
-    device arrays). The classifier keeps its fresh initialisation when its shape differs (a new
-    number of classes); any other mismatch means another model and is an error.
-    Returns (params, batch_stats, names of the re-initialised head parameters)."""
-    loaded, name = _load_variables(path)
-    if name is not None and name != model_name:
-        raise CheckpointError(f"init_from {path} holds {name} weights but the config trains "
-                              f"{model_name}; set config.model.name={name} or convert {model_name} weights")
-    fresh_heads: list[str] = []
+# Top-level parameters a fine-tune may start fresh: classifier heads (a new number of classes) and
+# the feature-distillation projection, which only exists while distilling.
+FRESH_OK = HEAD_NAMES + ("distill_proj",)
 
-    def overlay(collection: str, tree):
+
+def _overlay(loaded: dict, targets: dict, fresh_ok, what: str) -> tuple[dict, list[str]]:
+    """Place `loaded` arrays where `targets` (arrays or shape structs with shardings) expect them;
+    a target under a `fresh_ok` top-level name that the checkpoint lacks or shapes differently
+    keeps its value. Returns (placed tree, names kept fresh); any other mismatch is an error."""
+    fresh, problems = [], []
+    for collection in targets:
         source = flax.traverse_util.flatten_dict(loaded.get(collection, {}) or {})
-        problems = []
 
-        def pick(path, value):
+        def pick(path, target):
             keys = tuple(p.key for p in path)
             got = source.get(keys)
-            is_head = keys[0] in HEAD_NAMES
-            if got is not None and tuple(np.shape(got)) == tuple(value.shape):
-                return jax.device_put(np.asarray(got, value.dtype), value.sharding)
-            if is_head:
-                fresh_heads.append("/".join(keys))
-                return value
-            problems.append(f"{'/'.join(keys)}: checkpoint "
-                            f"{'missing' if got is None else tuple(np.shape(got))}, model {tuple(value.shape)}")
-            return value
-        out = jax.tree_util.tree_map_with_path(pick, tree)
-        if problems:
-            raise CheckpointError(f"init_from {path} does not fit {model_name} ({len(problems)} "
-                                  "parameters differ):\n  " + "\n  ".join(problems[:10]))
-        return out
+            if got is not None and tuple(np.shape(got)) == tuple(target.shape):
+                return jax.device_put(np.asarray(got, target.dtype), target.sharding)
+            if keys[0] in fresh_ok:
+                fresh.append("/".join(keys))
+                return target
+            problems.append(f"{collection}/{'/'.join(keys)}: checkpoint "
+                            f"{'missing' if got is None else tuple(np.shape(got))}, model {tuple(target.shape)}")
+            return target
+        targets = {**targets, collection: jax.tree_util.tree_map_with_path(pick, targets[collection])}
+    if problems:
+        raise CheckpointError(f"{what} ({len(problems)} arrays differ):\n  " + "\n  ".join(problems[:10]))
+    return targets, fresh
 
-    return overlay("params", params), overlay("batch_stats", batch_stats), fresh_heads
+
+def _check_name(path: str, found: str | None, model_name: str, role: str) -> None:
+    if found is not None and found != model_name:
+        raise CheckpointError(f"{role} {path} holds {found} weights, not {model_name}; "
+                              f"set the model name to {found} or convert {model_name} weights")
+
+
+def init_from(path: str, model_name: str, params, batch_stats) -> tuple[Any, Any, list[str]]:
+    """Overlay weights from `path` onto freshly initialised `params` / `batch_stats` (device
+    arrays). The classifier keeps its fresh initialisation when its shape differs (a new number of
+    classes); any other mismatch means another model and is an error.
+    Returns (params, batch_stats, names of the parameters kept fresh)."""
+    loaded, name = _load_variables(path)
+    _check_name(path, name, model_name, "init_from")
+    placed, fresh = _overlay(loaded, {"params": params, "batch_stats": batch_stats}, FRESH_OK,
+                             f"init_from {path} does not fit {model_name}")
+    return placed["params"], placed["batch_stats"], fresh
+
+
+def load_exact(path: str, model_name: str, shapes: dict, shardings: dict) -> dict:
+    """Variables from `path` placed with `shardings`; every array must match `shapes` (used for a
+    distillation teacher, which must arrive complete, head included)."""
+    loaded, name = _load_variables(path)
+    _check_name(path, name, model_name, "teacher")
+    targets = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                     shapes, shardings)
+    placed, _ = _overlay(loaded, targets, (), f"teacher {path} does not fit {model_name}")
+    return placed

@@ -29,6 +29,10 @@ def base() -> ml_collections.ConfigDict:
     c.data.rrc_scale = (0.08, 1.0)
     c.data.crop_pct = 0.0  # 0: the model card's
     c.data.interpolation = ""  # "": the model card's
+    c.data.randaugment = ""  # timm-style, e.g. "rand-m9-mstd0.5" ("" = off)
+    c.data.reprob = 0.0  # random erasing probability
+    c.data.remode = "pixel"  # random erasing fill: pixel | const | rand
+    c.data.sampling = "uniform"  # uniform | balanced (each class equally often)
     c.data.threads = 4  # grain read threads per process
     c.data.workers = 0  # grain worker processes (mp_prefetch); 0 = threads only
 
@@ -53,9 +57,39 @@ def base() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.0
     c.optim.grad_clip = 0.0  # global-norm clipping; 0 = off
     c.optim.accumulate = 1  # gradient accumulation steps (optax.MultiSteps)
+    c.optim.layer_decay = 0.0  # layer-wise lr decay factor in (0, 1); 0 = off
+    c.optim.trainable = ""  # regex over parameter paths (layer1/0/conv1/kernel): only these train
+    c.optim.frozen = ""  # regex: these get no updates and no optimizer state
+
+    c.ema = ml_collections.ConfigDict()
+    c.ema.decay = 0.0  # e.g. 0.9998; 0 = off. Evaluated alongside the raw weights (ema_val_*)
+    c.ema.warmup = True
+
+    c.mix = ml_collections.ConfigDict()  # MixUp / CutMix, timm's options (see jaxvision.data.mix)
+    c.mix.mixup_alpha = 0.0
+    c.mix.cutmix_alpha = 0.0
+    c.mix.cutmix_minmax = ()  # (min, max) fractions of the side; () = off
+    c.mix.prob = 1.0
+    c.mix.switch_prob = 0.5
+    c.mix.mode = "batch"  # batch | pair | elem
+    c.mix.correct_lam = True
 
     c.loss = ml_collections.ConfigDict()
+    c.loss.name = "ce"  # ce | bce | focal
     c.loss.label_smoothing = 0.0
+    c.loss.focal_gamma = 2.0
+    c.loss.class_weights = ""  # "" | balanced | comma-separated weights per class
+    c.per_class_metrics = False  # per-class and balanced accuracy, confusion matrix PNG per eval
+
+    c.distill = ml_collections.ConfigDict()  # knowledge distillation from a frozen teacher
+    c.distill.teacher = ""  # zoo name; "" = off
+    c.distill.teacher_kwargs = ml_collections.ConfigDict()  # passed to models.create for the teacher
+    c.distill.teacher_init = ""  # the teacher's weights: a jaxvision workdir or converter output
+    c.distill.teacher_image_size = 0  # 0: the student's input size
+    c.distill.kind = "logits"  # logits | deit_soft | deit_hard | feature
+    c.distill.temperature = 4.0
+    c.distill.w_task = 1.0  # weight of the task loss
+    c.distill.w_kd = 1.0  # weight of the distillation loss
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.mesh_dcn = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})  # across slices/hosts

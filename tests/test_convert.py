@@ -110,3 +110,24 @@ def test_command_line_writes_weights_the_trainer_can_load(tmp_path, suffix):
     _assert_parity(_logits("resnet18", variables, x, num_classes=5), ref)
     # A second run must not overwrite what the first wrote.
     assert convert.main(["--model", "resnet18", "--checkpoint", path, "--out", str(out)]) == 2
+
+
+@pytest.mark.parity
+def test_trainer_fine_tunes_from_converted_timm_weights(tmp_path):
+    """timm weights -> converter command -> `config.init_from`: backbone loaded, new head."""
+    import orbax.checkpoint as ocp
+    from tests.test_engine import tiny
+    from jaxvision.train import loop
+
+    path = str(tmp_path / "r18.pth")
+    torch.save(_timm_model("resnet18", num_classes=5).state_dict(), path)
+    assert convert.main(["--model", "resnet18", "--checkpoint", path, "--out", str(tmp_path / "w")]) == 0
+    config = tiny(num_steps=1, init_from=str(tmp_path / "w"), **{"model.kwargs": {}, "data.image_size": 32,
+                                                                  "optim.trainable": "^fc/"})
+    loop.train(config, str(tmp_path / "run"))
+    manager = ocp.CheckpointManager(str(tmp_path / "run" / "checkpoints"), item_names=("state", "data"))
+    state = manager.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    converted = ocp.StandardCheckpointer().restore(str(tmp_path / "w" / "variables"))
+    np.testing.assert_array_equal(state["params"]["layer4"]["1"]["conv2"]["kernel"],
+                                  converted["params"]["layer4"]["1"]["conv2"]["kernel"])
+    assert state["params"]["fc"]["kernel"].shape == (512, 10)

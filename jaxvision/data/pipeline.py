@@ -19,7 +19,7 @@ import grain
 import jax
 import numpy as np
 
-from jaxvision.data.sources import Source
+from jaxvision.data.sources import Source, labels_of
 from jaxvision.parallel.mesh import batch_sharding
 
 
@@ -35,11 +35,36 @@ def _read(ds: grain.MapDataset, threads: int, workers: int) -> grain.IterDataset
     return out
 
 
+class BalancedOrder:
+    """Index stream in which every class is drawn equally often: epoch e is len(labels) draws with
+    replacement, probability proportional to 1 / (size of the sample's class), from a generator
+    seeded by (seed, e). Random access, so it stays a pure function of the position."""
+
+    def __init__(self, labels: np.ndarray, seed: int):
+        counts = np.bincount(labels)
+        weights = 1.0 / counts[labels]
+        self.p, self.n, self.seed = weights / weights.sum(), len(labels), seed
+        self._epoch, self._order = -1, None
+
+    def __call__(self, position: int, _) -> int:
+        epoch = position // self.n
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._order, self._epoch = rng.choice(self.n, self.n, replace=True, p=self.p), epoch
+        return int(self._order[position % self.n])
+
+
 def train_batches(source: Source, transform, *, batch_size: int, seed: int, start_step: int = 0,
-                  threads: int = 4, workers: int = 0) -> Iterator[dict]:
-    """Endless host batches of `batch_size` (this process's share) starting at batch `start_step`."""
-    ds = _shard(source).seed(seed).shuffle().repeat().random_map(transform)
-    ds = ds.batch(batch_size, drop_remainder=True)[start_step:]
+                  threads: int = 4, workers: int = 0, balanced: bool = False) -> Iterator[dict]:
+    """Endless host batches of `batch_size` (this process's share) starting at batch `start_step`:
+    each epoch a fresh permutation of the source, or with `balanced` a class-balanced draw."""
+    if balanced:
+        order = grain.MapDataset.range(len(source)).repeat().map_with_index(
+            BalancedOrder(labels_of(source), seed))
+        ds = order[jax.process_index()::jax.process_count()].map(source.__getitem__).seed(seed)
+    else:
+        ds = _shard(source).seed(seed).shuffle().repeat()
+    ds = ds.random_map(transform).batch(batch_size, drop_remainder=True)[start_step:]
     return iter(_read(ds, threads, workers))
 
 

@@ -177,6 +177,16 @@ class TfdsSource(Source):
         return {"image": to_rgb(record["image"]), "label": int(record["label"])}
 
 
+def labels_of(source: Source) -> np.ndarray:
+    """All labels of a source: kept in memory by the digits and folder sources; read (with a
+    progress bar) from the records otherwise."""
+    labels = getattr(source, "labels", None)
+    if labels is None:
+        from tqdm import tqdm
+        labels = [source[i]["label"] for i in tqdm(range(len(source)), desc="reading labels")]
+    return np.asarray(labels, np.int64)
+
+
 def open_source(dataset: str, split: str, *, data_dir: str | None = None,
                 val_fraction: float = 0.1) -> Source:
     """A source from a dataset name (see module docstring)."""

@@ -16,6 +16,7 @@ import math
 import numpy as np
 from PIL import Image
 
+from jaxvision.data import augment as augment_lib
 from jaxvision.errors import UserError
 
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
@@ -83,10 +84,17 @@ class TrainTransform:
     augment: str = "rrc_flip"
     scale: tuple[float, float] = (0.08, 1.0)
     interpolation: str = "bicubic"
+    randaugment: str = ""  # e.g. "rand-m9-mstd0.5"
+    reprob: float = 0.0  # random erasing probability
+    remode: str = "pixel"
 
     def __post_init__(self):
         if self.augment not in AUGMENTATIONS:
             raise UserError(f"unknown augment {self.augment!r}; choose from {', '.join(AUGMENTATIONS)}")
+        object.__setattr__(self, "_randaugment",
+                           augment_lib.RandAugment.parse(self.randaugment) if self.randaugment else None)
+        if self.remode not in augment_lib.ERASE_MODES:
+            raise UserError(f"unknown remode {self.remode!r}; choose from {', '.join(augment_lib.ERASE_MODES)}")
 
     def __call__(self, example: dict, rng: np.random.Generator) -> dict:
         image = example["image"]
@@ -99,6 +107,10 @@ class TrainTransform:
             image = resize(image, self.size, self.size, self.interpolation)
         if self.augment.endswith("flip") and rng.random() < 0.5:
             image = image[:, ::-1]
+        if self._randaugment is not None:
+            image = self._randaugment(np.ascontiguousarray(image), rng)
+        if self.reprob > 0:
+            image = augment_lib.random_erase(image, rng, self.reprob, self.remode)
         return {"image": np.ascontiguousarray(image), "label": np.int32(example["label"])}
 
 

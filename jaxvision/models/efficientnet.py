@@ -179,6 +179,7 @@ class MBConvNet(layers.ZooModule, kw_only=True):
             x = jnp.mean(x, axis=(1, 2), keepdims=True)
             x = act(self.conv(self.head_features, 1, bias=True, name="conv_head")(x))
             x = x.reshape(x.shape[0], -1)
+        self.sow("intermediates", "pre_logits", x)  # for feature distillation
         if pre_logits:
             return x
         return self.classifier(x, self.num_classes, drop_rate=self.drop_rate, train=train,

@@ -74,6 +74,11 @@ def model_card(name: str) -> ModelCard:
     return _entry(name).card
 
 
+def architecture(name: str) -> dict:
+    """The fixed architecture fields a name is registered with (e.g. depths, head style)."""
+    return dict(_entry(name).arch)
+
+
 def create(name: str, **overrides) -> nn.Module:
     """Build the Flax module registered as `name`; `overrides` set its fields
     (num_classes, dtype, param_dtype, drop_rate, drop_path_rate, img_size for ViT, ...)."""

@@ -79,6 +79,7 @@ class ResNet(layers.ZooModule, kw_only=True):
     def __call__(self, x, train: bool = False, pre_logits: bool = False):
         x = self.forward_features(x, train)
         x = jnp.mean(x, axis=(1, 2))
+        self.sow("intermediates", "pre_logits", x)  # for feature distillation
         if pre_logits:
             return x
         return self.classifier(x, self.num_classes, drop_rate=self.drop_rate, train=train, name="fc")

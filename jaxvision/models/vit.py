@@ -107,6 +107,7 @@ class VisionTransformer(layers.ZooModule, kw_only=True):
     def __call__(self, x, train: bool = False, pre_logits: bool = False):
         x = self.forward_features(x, train)
         tokens = [x[:, i] for i in range(self.num_prefix)]
+        self.sow("intermediates", "pre_logits", sum(tokens) / len(tokens))  # for feature distillation
         if pre_logits:
             return sum(tokens) / len(tokens)
         logits = [self.classifier(t, self.num_classes, drop_rate=self.drop_rate, train=train,

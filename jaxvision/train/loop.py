@@ -7,9 +7,12 @@ The loop never waits on the device except to log every `log_every` steps and to 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,10 +20,10 @@ from absl import logging
 from tqdm import tqdm
 
 from jaxvision import checkpoint, models
+from jaxvision.data import mix as mix_lib, pipeline, sources, transforms
 from jaxvision.errors import UserError
-from jaxvision.data import pipeline, sources, transforms
 from jaxvision.parallel import mesh as mesh_lib, sharding
-from jaxvision.train import optim, state as state_lib, step as step_lib
+from jaxvision.train import evaluate as eval_lib, optim, state as state_lib, step as step_lib
 from jaxvision.train.writer import MetricWriter, table
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -28,6 +31,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @dataclasses.dataclass
 class Setup:
+    """Everything derived from the config before any array exists."""
+
     config: object
     mesh: jax.sharding.Mesh
     model: object
@@ -36,16 +41,50 @@ class Setup:
     num_classes: int
     train_source: sources.Source | None
     eval_source: sources.Source | None
+    teacher: object = None  # the distillation teacher module, if any
 
     @property
-    def mean_std(self):
-        return dict(mean=self.card.mean, std=self.card.std)
+    def distilling(self) -> bool:
+        return self.teacher is not None
 
     def batch_shardings(self, with_mask: bool = False) -> dict:
         out = {"image": mesh_lib.batch_sharding(self.mesh, 4), "label": mesh_lib.batch_sharding(self.mesh, 1)}
         if with_mask:
             out["mask"] = mesh_lib.batch_sharding(self.mesh, 1)
         return out
+
+    @property
+    def teacher_size(self) -> int:
+        return self.config.distill.teacher_image_size or self.image_size
+
+    def extra_params(self) -> dict:
+        """Feature distillation between different widths trains a projection beside the model."""
+        if not self.distilling or self.config.distill.kind != "feature":
+            return {}
+        dims = [jax.eval_shape(lambda: m.apply(m.init(jax.random.key(0), jnp.zeros((1, size, size, 3))),
+                                               jnp.zeros((1, size, size, 3)), pre_logits=True)).shape[-1]
+                for m, size in ((self.model, self.image_size), (self.teacher, self.teacher_size))]
+        if dims[0] == dims[1]:
+            return {}
+        return {"distill_proj": {"kernel": state_lib.extra_param(tuple(dims), ("features", "embed"))}}
+
+    def param_shapes(self):
+        return nn.meta.unbox(state_lib.boxed_variables(self.model, self.image_size, 0,
+                                                       self.extra_params())["params"])
+
+    def optimizer(self, steps: int):
+        return optim.optimizer(self.config.optim, steps, self.config.model.name, self.param_shapes())
+
+    def abstract_state(self, tx):
+        return state_lib.abstract_state(self.model, tx, self.image_size, self.mesh,
+                                        self.config.fsdp_min_size, self.config.seed,
+                                        ema=self.config.ema.decay > 0, extra_params=self.extra_params())
+
+    def teacher_shapes(self):
+        """(abstract teacher variables, their shardings), by the same rules as the student's."""
+        boxed = state_lib.boxed_variables(self.teacher, self.teacher_size)
+        shardings = sharding.variable_shardings(boxed, self.mesh, self.config.fsdp_min_size)
+        return nn.meta.unbox(boxed), shardings
 
 
 def _open(config, dataset: str, split: str) -> sources.Source:
@@ -67,16 +106,30 @@ def setup(config, *, train: bool = True, evaluate: bool = True) -> Setup:
     if config.model.dtype not in DTYPES:
         raise UserError(f"config.model.dtype must be one of {', '.join(DTYPES)}")
     card = models.model_card(config.model.name)
+    kwargs = dict(config.model.kwargs)
+    teacher = None
+    if config.distill.teacher:
+        d = config.distill
+        if d.kind not in step_lib.DISTILL_KINDS:
+            raise UserError(f"config.distill.kind must be one of {', '.join(step_lib.DISTILL_KINDS)}")
+        if d.kind.startswith("deit"):
+            if not models.architecture(config.model.name).get("distilled"):
+                raise UserError(f"distill.kind={d.kind} needs a student with a distillation token "
+                                f"(deit_*_distilled_*), not {config.model.name}")
+            kwargs["distilled_training"] = True
+        teacher = models.create(d.teacher, num_classes=num_classes, dtype=DTYPES[config.model.dtype],
+                                **dict(d.teacher_kwargs))
     model = models.create(config.model.name, num_classes=num_classes, dtype=DTYPES[config.model.dtype],
-                          **dict(config.model.kwargs))
+                          **kwargs)
     return Setup(config, mesh, model, card, int(config.data.image_size) or card.input_size,
-                 num_classes, train_src, eval_src)
+                 num_classes, train_src, eval_src, teacher)
 
 
 def _train_transform(s: Setup) -> transforms.TrainTransform:
     d = s.config.data
     return transforms.TrainTransform(s.image_size, d.augment, tuple(d.rrc_scale),
-                                     d.interpolation or s.card.interpolation)
+                                     d.interpolation or s.card.interpolation, d.randaugment,
+                                     d.reprob, d.remode)
 
 
 def _eval_transform(s: Setup) -> transforms.EvalTransform:
@@ -91,40 +144,78 @@ def total_steps(config, train_size: int) -> int:
     return max(1, math.ceil(config.num_epochs * train_size / config.batch_size))
 
 
-def _jit_steps(s: Setup, tx, shardings, steps: int):
-    replicated = mesh_lib.replicated(s.mesh)
-    train_step = jax.jit(
-        step_lib.make_train_step(s.model, tx, num_classes=s.num_classes,
-                                 label_smoothing=s.config.loss.label_smoothing, seed=s.config.seed,
-                                 **s.mean_std),
-        in_shardings=(shardings, s.batch_shardings()), out_shardings=(shardings, replicated),
-        donate_argnums=0)
-    return train_step, make_eval(s, shardings.variables())
+def class_weights(spec: str, source: sources.Source | None, num_classes: int):
+    """None, inverse-frequency weights ("balanced": N / (C * count)), or an explicit list."""
+    if not spec:
+        return None
+    if spec == "balanced":
+        counts = np.bincount(sources.labels_of(source), minlength=num_classes).astype(np.float64)
+        return (counts.sum() / (num_classes * np.maximum(counts, 1))).astype(np.float32)
+    weights = np.asarray([float(w) for w in spec.split(",")], np.float32)
+    if weights.shape != (num_classes,):
+        raise UserError(f"config.loss.class_weights has {weights.size} weights for {num_classes} classes")
+    return weights
 
 
-def make_eval(s: Setup, variable_shardings):
-    return jax.jit(step_lib.make_eval_step(s.model, num_classes=s.num_classes, **s.mean_std),
-                   in_shardings=(variable_shardings, s.batch_shardings(with_mask=True)),
+def step_options(s: Setup, param_shapes, stats_shapes) -> step_lib.StepOptions:
+    c = s.config
+    distill = None
+    if s.distilling:
+        teacher_card = models.model_card(c.distill.teacher)
+        distill = step_lib.Distill(s.teacher, teacher_card.mean, teacher_card.std, s.teacher_size,
+                                   c.distill.kind, c.distill.temperature, c.distill.w_task, c.distill.w_kd)
+    keep_stats = None
+    if c.optim.trainable or c.optim.frozen:
+        trains = optim.trainable_mask(stats_shapes, c.optim.trainable, c.optim.frozen)
+        keep_stats = jax.tree_util.tree_map(lambda t: not t, trains)
+    return step_lib.StepOptions(
+        num_classes=s.num_classes, mean=s.card.mean, std=s.card.std, seed=c.seed, loss=c.loss.name,
+        focal_gamma=c.loss.focal_gamma, label_smoothing=c.loss.label_smoothing,
+        class_weights=class_weights(c.loss.class_weights, s.train_source, s.num_classes),
+        mix=mix_lib.MixConfig.from_config(c.mix, c.loss.label_smoothing),
+        ema_decay=c.ema.decay, ema_warmup=c.ema.warmup, keep_stats=keep_stats, distill=distill)
+
+
+def jit_train_step(s: Setup, tx, shapes, shardings):
+    """The compiled step `(state, batch, teacher_variables)`; the state is donated, the teacher's
+    variables (None without distillation) are laid out like the student's and never written."""
+    step = step_lib.make_train_step(s.model, tx, step_options(s, shapes.params, shapes.batch_stats), s.mesh)
+    teacher_shardings = s.teacher_shapes()[1] if s.distilling else None
+    return jax.jit(step, in_shardings=(shardings, s.batch_shardings(), teacher_shardings),
+                   out_shardings=(shardings, mesh_lib.replicated(s.mesh)), donate_argnums=0)
+
+
+def load_teacher(s: Setup):
+    """The teacher's variables on the mesh, from `distill.teacher_init` (must fit exactly)."""
+    if not s.distilling:
+        return None
+    if not s.config.distill.teacher_init:
+        raise UserError("config.distill.teacher_init must name the teacher's weights: a jaxvision "
+                        "workdir or the output of python -m jaxvision.models.convert")
+    shapes, shardings = s.teacher_shapes()
+    return checkpoint.load_exact(s.config.distill.teacher_init, s.config.distill.teacher, shapes, shardings)
+
+
+def jit_eval_step(s: Setup, variable_shardings):
+    step = step_lib.make_eval_step(s.model, num_classes=s.num_classes, mean=s.card.mean,
+                                   std=s.card.std, confusion=s.config.per_class_metrics)
+    return jax.jit(step, in_shardings=(variable_shardings, s.batch_shardings(with_mask=True)),
                    out_shardings=mesh_lib.replicated(s.mesh))
 
 
-def run_eval(s: Setup, eval_step, variables, prefix: str = "val_") -> dict:
-    """Loss, top-1 and top-5 over the whole evaluation split (each example exactly once)."""
-    batch = s.config.eval_batch_size or s.config.batch_size
-    local = mesh_lib.check_batch(batch, s.mesh)
-    host = pipeline.eval_batches(s.eval_source, _eval_transform(s), batch_size=local,
-                                 threads=s.config.data.threads)
-    sums = None
-    bar = tqdm(pipeline.prefetch_to_mesh(host, s.mesh), desc="eval", unit="batch", leave=False,
-               total=pipeline.num_eval_batches(len(s.eval_source), local),
-               disable=jax.process_index() != 0, dynamic_ncols=True)
-    for b in bar:
-        out = eval_step(variables, b)
-        sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
-    sums = jax.device_get(sums)
-    n = max(float(sums["count"]), 1.0)
-    return {f"{prefix}loss": float(sums["loss"]) / n, f"{prefix}top1": float(sums["top1"]) / n,
-            f"{prefix}top5": float(sums["top5"]) / n}
+def run_eval(s: Setup, eval_step, variables, workdir: str | None = None, step: int = 0,
+             prefix: str = "val_") -> dict:
+    c = s.config
+    metrics, confusion = eval_lib.run(eval_step, variables, s.eval_source, _eval_transform(s), s.mesh,
+                                      c.eval_batch_size or c.batch_size, c.data.threads, prefix)
+    if confusion is not None and workdir and jax.process_index() == 0:
+        name = f"{prefix}confusion_{step:07d}"
+        eval_lib.save_confusion(confusion, s.eval_source.class_names,
+                                os.path.join(workdir, "confusion", name + ".png"),
+                                f"{c.model.name} step {step}: top-1 {metrics[prefix + 'top1']:.2%}, "
+                                f"balanced {metrics[prefix + 'balanced_top1']:.2%}")
+        np.save(os.path.join(workdir, "confusion", name + ".npy"), confusion)
+    return metrics
 
 
 def _identity(s: Setup) -> dict:
@@ -138,22 +229,24 @@ def train(config, workdir: str) -> dict:
     s = setup(config)
     local_batch = mesh_lib.check_batch(config.batch_size, s.mesh)
     steps = total_steps(config, len(s.train_source))
-    tx = optim.optimizer(config.optim, steps)
-    init, shapes, shardings = state_lib.abstract_state(s.model, tx, s.image_size, s.mesh,
-                                                       config.fsdp_min_size, config.seed)
+    tx = s.optimizer(steps)
+    init, shapes, shardings = s.abstract_state(tx)
     ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
     start = ckpts.latest_step() or 0
     if start:
-        state, data = ckpts.restore(start, shapes, shardings, _identity(s))
+        state, _ = ckpts.restore(start, shapes, shardings, _identity(s))
         logging.info("resuming from step %d in %s", start, ckpts.directory)
     else:
         state = jax.jit(init, out_shardings=shardings)()
         if config.init_from:
             params, stats, heads = checkpoint.init_from(config.init_from, config.model.name,
                                                         state.params, state.batch_stats)
-            state = state.replace(params=params, batch_stats=stats)
+            ema = None if state.ema is None else {"params": params, "batch_stats": stats}
+            state = state.replace(params=params, batch_stats=stats, ema=ema)
             logging.info("initialised from %s (new head: %s)", config.init_from, heads or "none")
-    train_step, eval_step = _jit_steps(s, tx, shardings, steps)
+    train_step = jit_train_step(s, tx, shapes, shardings)
+    eval_step = jit_eval_step(s, shardings.variables())
+    teacher = load_teacher(s)
     lr_at = optim.schedule(config.optim, steps // config.optim.accumulate)
     eval_every = config.eval_every or max(len(s.train_source) // config.batch_size, 1)
     log_every = config.log_every or 50
@@ -161,7 +254,8 @@ def train(config, workdir: str) -> dict:
 
     host = pipeline.train_batches(s.train_source, _train_transform(s), batch_size=local_batch,
                                   seed=config.seed, start_step=start, threads=config.data.threads,
-                                  workers=config.data.workers)
+                                  workers=config.data.workers,
+                                  balanced=config.data.sampling == "balanced")
     batches = pipeline.prefetch_to_mesh(host, s.mesh)
     writer = MetricWriter(workdir)
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
@@ -171,7 +265,7 @@ def train(config, workdir: str) -> dict:
     step = start
     try:
         for step in range(start + 1, stop_at + 1):
-            state, metrics = train_step(state, next(batches))
+            state, metrics = train_step(state, next(batches), teacher)
             acc = metrics if acc is None else jax.tree_util.tree_map(jnp.add, acc, metrics)
             n_acc += 1
             bar.update(1)
@@ -185,7 +279,9 @@ def train(config, workdir: str) -> dict:
                 bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{rate:.0f}")
                 acc, n_acc = None, 0
             if step % eval_every == 0 or step == steps:
-                result = run_eval(s, eval_step, state.variables())
+                result = run_eval(s, eval_step, state.variables(), workdir, step)
+                if state.ema is not None:
+                    result.update(run_eval(s, eval_step, state.ema, workdir, step, prefix="ema_val_"))
                 evals[step] = result
                 writer.write(step, result)
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
@@ -200,8 +296,7 @@ def train(config, workdir: str) -> dict:
         ckpts.wait()
         ckpts.close()
         writer.close()
-    summary = _summary(s, evals, rates, step, steps, time.perf_counter() - wall_start, workdir)
-    return summary
+    return _summary(s, evals, rates, step, steps, time.perf_counter() - wall_start, workdir)
 
 
 def _summary(s: Setup, evals: dict, rates: list, step: int, steps: int, wall: float, workdir: str) -> dict:
@@ -211,11 +306,10 @@ def _summary(s: Setup, evals: dict, rates: list, step: int, steps: int, wall: fl
         "model": s.config.model.name, "steps": step, "of_steps": steps,
         "best_val_top1": evals[best_step]["val_top1"] if best_step else None, "best_step": best_step,
         "final_val_top1": final.get("val_top1"), "final_val_top5": final.get("val_top5"),
+        **({"final_ema_val_top1": final["ema_val_top1"]} if "ema_val_top1" in final else {}),
         "images_per_sec": float(np.median(rates)) if rates else None, "wall_seconds": wall,
         "devices": jax.device_count(), "mesh": dict(s.mesh.shape)}
     if jax.process_index() == 0:
-        import json
-        import os
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
@@ -228,9 +322,7 @@ def _summary(s: Setup, evals: dict, rates: list, step: int, steps: int, wall: fl
 def evaluate(config, workdir: str) -> dict:
     """Evaluate the workdir's best (else latest) checkpoint, or `init_from`, on the eval split."""
     s = setup(config, train=False)
-    tx = optim.optimizer(config.optim, 1)
-    init, shapes, shardings = state_lib.abstract_state(s.model, tx, s.image_size, s.mesh,
-                                                       config.fsdp_min_size, config.seed)
+    init, shapes, shardings = s.abstract_state(s.optimizer(1))
     ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
     step = ckpts.best_step() or ckpts.latest_step()
     if step is not None:
@@ -247,7 +339,7 @@ def evaluate(config, workdir: str) -> dict:
     else:
         raise checkpoint.CheckpointError(f"nothing to evaluate: no checkpoint in {ckpts.directory} "
                                          "and no config.init_from")
-    result = run_eval(s, make_eval(s, shardings.variables()), variables)
+    result = run_eval(s, jit_eval_step(s, shardings.variables()), variables, workdir, step or 0)
     if jax.process_index() == 0:
         dataset = config.data.eval_dataset or config.data.dataset
         print(table([(k, f"{v:.4f}") for k, v in result.items()],
@@ -259,20 +351,18 @@ def evaluate(config, workdir: str) -> dict:
 def plan(config, *, compile_step: bool = True) -> str:
     """How every parameter is sharded (bytes per device) and, compiled on abstract inputs, what
     one train step costs; needs no data when `config.model.num_classes` is set."""
-    needs_data = not config.model.num_classes
-    s = setup(config, train=needs_data, evaluate=False)
+    s = setup(config, train=not config.model.num_classes, evaluate=False)
     local_batch = mesh_lib.check_batch(config.batch_size, s.mesh)
-    tx = optim.optimizer(config.optim, 1000)
-    _, shapes, shardings = state_lib.abstract_state(s.model, tx, s.image_size, s.mesh,
-                                                    config.fsdp_min_size, config.seed)
+    tx = s.optimizer(1000)
+    _, shapes, shardings = s.abstract_state(tx)
     text = sharding.format_plan(sharding.plan_rows(shapes.params, shardings.params), s.mesh)
     if compile_step:
-        train_step, _ = _jit_steps(s, tx, shardings, 1000)
         b = config.batch_size
         batch = {"image": jax.ShapeDtypeStruct((b, s.image_size, s.image_size, 3), jnp.uint8),
                  "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
         t = time.perf_counter()
-        compiled = train_step.lower(shapes, batch).compile()
+        teacher = s.teacher_shapes()[0] if s.distilling else None
+        compiled = jit_train_step(s, tx, shapes, shardings).lower(shapes, batch, teacher).compile()
         seconds = time.perf_counter() - t
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost

@@ -7,12 +7,14 @@ b1, b2, weight_decay, grad_clip (global norm, 0 = off), accumulate (gradient acc
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import jax
 import optax
 
 from jaxvision.errors import UserError
+from jaxvision.models import registry
 
 OPTIMIZERS = ("sgd", "adamw", "lamb", "lars", "adafactor")
 SCHEDULES = ("cosine", "linear", "step", "constant")
@@ -47,12 +49,14 @@ def decay_mask(params):
     position embeddings and class/distillation tokens."""
     def decays(path, leaf):
         names = {getattr(p, "key", None) for p in path}
-        return leaf.ndim > 1 and not names & set(NO_DECAY_NAMES)
+        return getattr(leaf, "ndim", 0) > 1 and not names & set(NO_DECAY_NAMES)
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
-    """The configured optimizer with schedule, decay mask, clipping and accumulation."""
+def optimizer(cfg, total_steps: int, model_name: str | None = None,
+              params=None) -> optax.GradientTransformation:
+    """The configured optimizer: schedule, decay mask, clipping, then (given the model name and the
+    parameter tree, shapes suffice) freezing and layer-wise decay, then accumulation."""
     accumulate = int(cfg.get("accumulate", 1))
     name, lr = cfg.get("name", "sgd"), schedule(cfg, total_steps // accumulate)
     wd = float(cfg.get("weight_decay", 0.0))
@@ -76,6 +80,97 @@ def optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     clip = float(cfg.get("grad_clip", 0.0))
     if clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+    if cfg.get("trainable") or cfg.get("frozen"):
+        tx = freeze(tx, trainable_mask(params, cfg.get("trainable", ""), cfg.get("frozen", "")))
+    decay = float(cfg.get("layer_decay", 0.0))
+    if 0.0 < decay < 1.0:
+        tx = optax.chain(tx, scale_by_layer(model_name, params, decay))
     if accumulate > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=accumulate)
     return tx
+
+
+# --- layer-wise learning-rate decay ------------------------------------------------------------
+
+# Top-level modules that form the stem (layer 0), and that sit after the blocks but before pooling
+# (they join the last block). Classifier heads (registry.HEAD_NAMES) take the last id.
+STEM_NAMES = ("conv1", "bn1", "conv_stem", "patch_embed", "cls_token", "dist_token", "pos_embed")
+
+
+def _is_index(key) -> bool:
+    return isinstance(key, str) and key.isdigit()
+
+
+def layer_ids(model_name: str, params) -> dict:
+    """Layer id of every parameter, as the reference groups them: stem 0, one id per residual /
+    MBConv / transformer block in order, head-side layers before pooling with the last block, the
+    classifier last. MobileNetV3's head conv comes after pooling and goes with the classifier."""
+    head = set(registry.HEAD_NAMES)
+    if registry.architecture(model_name).get("head") == "pool_conv":
+        head.add("conv_head")
+    paths = [tuple(p.key for p in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+    def block_key(path):
+        if path[0] in STEM_NAMES or path[0] in head:
+            return None
+        digits = []
+        for key in path[1:]:
+            if not _is_index(key):
+                break
+            digits.append(int(key))
+        if not digits:
+            return None  # e.g. final norm, conv_head + bn2 of EfficientNet
+        container = int(path[0][5:]) if path[0].startswith("layer") and path[0][5:].isdigit() else 0
+        return (container, *digits)
+
+    blocks = sorted({k for k in map(block_key, paths) if k is not None})
+    ordinal = {k: i + 1 for i, k in enumerate(blocks)}
+    last = len(blocks) + 1
+
+    def one(path, _):
+        keys = tuple(p.key for p in path)
+        if keys[0] in STEM_NAMES:
+            return 0
+        if keys[0] in head:
+            return last
+        k = block_key(keys)
+        return ordinal[k] if k is not None else len(blocks)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def layer_scales(model_name: str, params, decay: float) -> dict:
+    """`decay ** (L - 1 - id)` per parameter: the head keeps 1.0, the stem gets the smallest."""
+    ids = layer_ids(model_name, params)
+    num = max(jax.tree_util.tree_leaves(ids)) + 1
+    return jax.tree_util.tree_map(lambda i: decay ** (num - 1 - i), ids)
+
+
+def scale_by_layer(model_name: str, params, decay: float) -> optax.GradientTransformation:
+    """Scale each parameter's update by its layer's factor (works after any optimizer/schedule)."""
+    scales = layer_scales(model_name, params, decay)
+    labels = jax.tree_util.tree_map(lambda s: f"{s!r}", scales)
+    return optax.multi_transform({label: optax.scale(float(label)) for label in
+                                  set(jax.tree_util.tree_leaves(labels))}, labels)
+
+
+# --- freezing ----------------------------------------------------------------------------------
+
+def path_string(path) -> str:
+    return "/".join(str(getattr(p, "key", p)) for p in path)
+
+
+def trainable_mask(params, trainable: str = "", frozen: str = ""):
+    """True for parameters that train: matching the `trainable` regex (all if empty) and not the
+    `frozen` regex. Paths read like ``layer1/0/conv1/kernel``."""
+    def one(path, _):
+        p = path_string(path)
+        return (not trainable or re.search(trainable, p) is not None) and \
+            not (frozen and re.search(frozen, p) is not None)
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def freeze(tx: optax.GradientTransformation, mask) -> optax.GradientTransformation:
+    """Frozen parameters get zero updates and no optimizer state (optax.multi_transform)."""
+    labels = jax.tree_util.tree_map(lambda t: "train" if t else "frozen", mask)
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

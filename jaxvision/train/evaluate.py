@@ -1,0 +1,79 @@
+"""Evaluation over a whole split, per-class metrics and the confusion-matrix plot."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from jaxvision.data import pipeline
+from jaxvision.parallel import mesh as mesh_lib
+
+
+def run(eval_step, variables, source, transform, mesh, batch_size: int, threads: int = 4,
+        prefix: str = "val_") -> tuple[dict, np.ndarray | None]:
+    """Loss, top-1 and top-5 over the split (each example exactly once), and the confusion
+    matrix when the step computes one."""
+    local = mesh_lib.check_batch(batch_size, mesh)
+    host = pipeline.eval_batches(source, transform, batch_size=local, threads=threads)
+    sums = None
+    bar = tqdm(pipeline.prefetch_to_mesh(host, mesh), desc="eval", unit="batch", leave=False,
+               total=pipeline.num_eval_batches(len(source), local),
+               disable=jax.process_index() != 0, dynamic_ncols=True)
+    for batch in bar:
+        out = eval_step(variables, batch)
+        sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
+    sums = jax.device_get(sums)
+    n = max(float(sums["count"]), 1.0)
+    metrics = {f"{prefix}loss": float(sums["loss"]) / n, f"{prefix}top1": float(sums["top1"]) / n,
+               f"{prefix}top5": float(sums["top5"]) / n}
+    confusion = sums.get("confusion")
+    if confusion is not None:
+        metrics[f"{prefix}balanced_top1"] = balanced_accuracy(confusion)
+    return metrics, confusion
+
+
+def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
+    """Recall of each class (NaN for classes absent from the split)."""
+    totals = confusion.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.diag(confusion) / totals
+
+
+def balanced_accuracy(confusion: np.ndarray) -> float:
+    """Mean per-class recall over the classes present."""
+    return float(np.nanmean(per_class_accuracy(confusion)))
+
+
+def save_confusion(confusion: np.ndarray, class_names, path: str, title: str = "") -> str:
+    """Row-normalised confusion matrix as a PNG (class names on the axes up to 40 classes)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = len(class_names)
+    rows = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    size = min(max(4.0, 0.45 * c + 2), 20.0)
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if c <= 40:
+        ax.set_xticks(range(c), class_names, rotation=90)
+        ax.set_yticks(range(c), class_names)
+        if c <= 20:
+            for i in range(c):
+                for j in range(c):
+                    if confusion[i, j]:
+                        ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
+                                color="white" if rows[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

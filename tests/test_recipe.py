@@ -1,0 +1,216 @@
+"""The training recipe: optimizers, layer-wise decay, masks, freezing, EMA, losses, sampling,
+per-class metrics, RandAugment / Random Erasing."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from jaxvision import models
+from jaxvision.data import augment, pipeline, sources, transforms
+from jaxvision.train import evaluate, losses, loop, optim
+from tests.test_engine import final_params, losses as logged_losses, tiny
+
+# ../shared/reference/model-zoo.md: (number of ids, smallest scale at decay 0.75)
+LAYER_DECAY_REFERENCE = {
+    "vit_base_patch16_224": (14, 0.75 ** 13), "resnet50": (18, 0.75 ** 17),
+    "efficientnet_b0": (18, 0.75 ** 17), "mobilenetv3_large_100": (18, 0.75 ** 17),
+    "mobilenetv2_100": (19, 0.75 ** 18), "deit_tiny_distilled_patch16_224": (14, 0.75 ** 13),
+}
+HEADS = {"vit_base_patch16_224": ["head"], "resnet50": ["fc"], "efficientnet_b0": ["classifier"],
+         "mobilenetv3_large_100": ["classifier", "conv_head"], "mobilenetv2_100": ["classifier"],
+         "deit_tiny_distilled_patch16_224": ["head", "head_dist"]}
+STEMS = {"vit_base_patch16_224": ["patch_embed", "pos_embed", "cls_token"], "resnet50": ["conv1", "bn1"],
+         "efficientnet_b0": ["conv_stem", "bn1"], "mobilenetv3_large_100": ["conv_stem", "bn1"],
+         "mobilenetv2_100": ["conv_stem", "bn1"], "deit_tiny_distilled_patch16_224": ["dist_token", "cls_token"]}
+
+
+@pytest.mark.parametrize("name", sorted(LAYER_DECAY_REFERENCE))
+def test_layer_ids_match_the_reference_grouping(name):
+    params = models.init_shapes(models.create(name), 32)["params"]
+    ids = optim.layer_ids(name, params)
+    scales = optim.layer_scales(name, params, 0.75)
+    num, smallest = LAYER_DECAY_REFERENCE[name]
+    assert len(set(jax.tree_util.tree_leaves(ids))) == num
+    assert min(jax.tree_util.tree_leaves(scales)) == pytest.approx(smallest)
+    for head in HEADS[name]:
+        assert set(jax.tree_util.tree_leaves(scales[head])) == {1.0}
+    for stem in STEMS[name]:
+        assert jax.tree_util.tree_leaves(scales[stem]) == pytest.approx(
+            [smallest] * len(jax.tree_util.tree_leaves(scales[stem])))
+
+
+def test_mobilenetv3_last_block_and_efficientnet_head_conv_get_decay_once():
+    p = models.init_shapes(models.create("mobilenetv3_large_100"), 32)["params"]
+    s = optim.layer_scales("mobilenetv3_large_100", p, 0.5)
+    assert set(jax.tree_util.tree_leaves(s["blocks"]["6"])) == {0.5}  # the 960-channel conv
+    p = models.init_shapes(models.create("efficientnet_b0"), 32)["params"]
+    s = optim.layer_scales("efficientnet_b0", p, 0.5)
+    assert set(jax.tree_util.tree_leaves((s["conv_head"], s["bn2"], s["blocks"]["6"]))) == {0.5}
+
+
+def _optim_config(**kw):
+    cfg = ml_collections.ConfigDict({"name": "sgd", "lr": 0.1, "momentum": 0.0, "schedule": "constant",
+                                     "warmup_steps": 0, "weight_decay": 0.0})
+    cfg.update(kw)
+    return cfg
+
+
+def test_layer_decay_scales_updates_with_any_optimizer():
+    name = "resnet18"
+    params = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape), models.init_shapes(models.create(name), 32)["params"])
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    scales = optim.layer_scales(name, params, 0.8)
+    for opt in ("sgd", "adamw", "lamb"):
+        plain = optim.optimizer(_optim_config(name=opt), 10, name, params)
+        decayed = optim.optimizer(_optim_config(name=opt, layer_decay=0.8), 10, name, params)
+        u0, _ = plain.update(grads, plain.init(params), params)
+        u1, _ = decayed.update(grads, decayed.init(params), params)
+        ratio = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(b)) / jnp.max(jnp.abs(a))), u0, u1)
+        jax.tree_util.tree_map(lambda r, s: np.testing.assert_allclose(r, s, rtol=1e-5), ratio, scales)
+
+
+def test_weight_decay_mask_spares_1d_params_and_tokens():
+    params = models.init_shapes(models.create("deit_tiny_distilled_patch16_224"), 32)["params"]
+    mask = optim.decay_mask(params)
+    assert mask["blocks"]["0"]["mlp"]["fc1"]["kernel"] and not mask["blocks"]["0"]["mlp"]["fc1"]["bias"]
+    assert not mask["pos_embed"] and not mask["cls_token"] and not mask["dist_token"]
+    assert not mask["norm"]["scale"] and mask["patch_embed"]["proj"]["kernel"]
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_every_optimizer_builds_and_moves_the_parameters(name):
+    params = {"w": jnp.ones((4, 3)), "b": jnp.zeros((3,))}
+    tx = optim.optimizer(_optim_config(name=name, weight_decay=0.01, grad_clip=1.0), 10)
+    updates, _ = tx.update(jax.tree_util.tree_map(jnp.ones_like, params), tx.init(params), params)
+    assert float(jnp.abs(updates["w"]).max()) > 0
+
+
+def test_schedules_warm_up_then_decay():
+    cfg = _optim_config(schedule="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    lr = optim.schedule(cfg, 110)
+    assert lr(0) == 0 and lr(5) == pytest.approx(0.05) and lr(10) == pytest.approx(0.1)
+    assert lr(110) == pytest.approx(0.01)
+    step = optim.schedule(_optim_config(schedule="step", step_boundaries=(0.5,), step_factor=0.1), 100)
+    assert step(49) == pytest.approx(0.1) and step(51) == pytest.approx(0.01)
+    lin = optim.schedule(_optim_config(schedule="linear"), 100)
+    assert lin(50) == pytest.approx(0.05)
+
+
+def test_gradient_accumulation_updates_every_k_steps():
+    params = {"w": jnp.ones((2,))}
+    tx = optim.optimizer(_optim_config(accumulate=3), 30)
+    state = tx.init(params)
+    moved = []
+    for _ in range(6):
+        updates, state = tx.update({"w": jnp.ones((2,))}, state, params)
+        moved.append(bool(jnp.any(updates["w"] != 0)))
+    assert moved == [False, False, True, False, False, True]
+
+
+def test_frozen_parameters_get_no_update_and_no_optimizer_memory():
+    params = {"backbone": {"w": jnp.ones((64, 64))}, "fc": {"kernel": jnp.ones((64, 2))}}
+    tx = optim.optimizer(_optim_config(name="adamw", trainable="^fc/"), 10, "resnet18", params)
+    state = tx.init(params)
+    assert sum(x.size for x in jax.tree_util.tree_leaves(state)) < 3 * 128 + 10  # adam moments of fc only
+    updates, _ = tx.update(jax.tree_util.tree_map(jnp.ones_like, params), state, params)
+    assert float(jnp.abs(updates["backbone"]["w"]).max()) == 0 and float(jnp.abs(updates["fc"]["kernel"]).max()) > 0
+
+
+def test_linear_probe_leaves_the_backbone_bit_identical(tmp_path):
+    loop.train(tiny(num_steps=2), str(tmp_path / "pre"))
+    pre = final_params(tmp_path / "pre")
+    probe = tiny(num_steps=3, init_from=str(tmp_path / "pre"), **{"optim.trainable": "^fc/"})
+    loop.train(probe, str(tmp_path / "probe"))
+    import orbax.checkpoint as ocp
+    m = ocp.CheckpointManager(str(tmp_path / "probe" / "checkpoints"), item_names=("state", "data"))
+    state = m.restore(m.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    m0 = ocp.CheckpointManager(str(tmp_path / "pre" / "checkpoints"), item_names=("state", "data"))
+    pre_state = m0.restore(m0.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    for key in pre:
+        if key != "fc":
+            jax.tree_util.tree_map(np.testing.assert_array_equal, state["params"][key], pre[key])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, state["batch_stats"], pre_state["batch_stats"])
+    assert not np.array_equal(state["params"]["fc"]["kernel"], pre["fc"]["kernel"])
+
+
+def test_ema_is_trained_evaluated_and_warms_up(tmp_path):
+    from jaxvision.train.step import ema_decay_at
+    assert float(ema_decay_at(jnp.asarray(0), 0.999, True)) == pytest.approx(0.1)
+    assert float(ema_decay_at(jnp.asarray(10 ** 6), 0.999, True)) == pytest.approx(0.999)
+    summary = loop.train(tiny(num_steps=4, **{"ema.decay": 0.9}), str(tmp_path))
+    assert summary["final_ema_val_top1"] is not None
+    import json
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert any("ema_val_top1" in r for r in rows)
+
+
+def test_mixing_trains_end_to_end(tmp_path):
+    config = tiny(num_steps=3, **{"mix.mixup_alpha": 0.8, "mix.cutmix_alpha": 1.0, "mix.mode": "elem"})
+    loop.train(config, str(tmp_path))
+    assert len(logged_losses(tmp_path)) == 3
+
+
+def test_losses():
+    logits = jnp.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
+    targets = losses.soft_targets(jnp.array([0, 2]), 3, 0.1)
+    np.testing.assert_allclose(losses.focal_loss(logits, targets, 0.0), losses.cross_entropy(logits, targets), rtol=1e-6)
+    assert np.all(losses.focal_loss(logits, targets, 2.0) < losses.cross_entropy(logits, targets))
+    p = jax.nn.sigmoid(logits)
+    bce = -(targets * jnp.log(p) + (1 - targets) * jnp.log(1 - p)).mean(-1)
+    np.testing.assert_allclose(losses.binary_cross_entropy(logits, targets), bce, rtol=1e-5)
+    per = jnp.array([1.0, 3.0])
+    w = jnp.array([2.0, 1.0, 1.0])
+    hard = jax.nn.one_hot(jnp.array([0, 2]), 3)
+    assert float(losses.weighted_mean(per, hard, w)) == pytest.approx((2 * 1 + 1 * 3) / 3)
+    with pytest.raises(ValueError, match="unknown loss"):
+        losses.per_example_loss("hinge")
+
+
+def test_balanced_class_weights_and_sampling():
+    labels = np.array([0] * 90 + [1] * 10)
+    src = sources.ArraySource(np.zeros((100, 4, 4, 3), np.uint8), labels, ["a", "b"])
+    w = loop.class_weights("balanced", src, 2)
+    np.testing.assert_allclose(w, [100 / 180, 100 / 20])
+    it = pipeline.train_batches(src, transforms.TrainTransform(4, "none"), batch_size=50, seed=0, balanced=True)
+    drawn = np.concatenate([next(it)["label"] for _ in range(20)])
+    assert abs(drawn.mean() - 0.5) < 0.05  # uniform sampling would give 0.1
+    again = pipeline.train_batches(src, transforms.TrainTransform(4, "none"), batch_size=50, seed=0,
+                                   balanced=True, start_step=7)
+    it = pipeline.train_batches(src, transforms.TrainTransform(4, "none"), batch_size=50, seed=0, balanced=True)
+    np.testing.assert_array_equal([next(it) for _ in range(8)][-1]["label"], next(again)["label"])
+
+
+def test_per_class_metrics_and_confusion_png(tmp_path):
+    confusion = np.array([[8, 2, 0], [0, 5, 5], [0, 0, 0]], float)
+    np.testing.assert_allclose(evaluate.per_class_accuracy(confusion)[:2], [0.8, 0.5])
+    assert evaluate.balanced_accuracy(confusion) == pytest.approx(0.65)
+    summary = loop.train(tiny(num_steps=2, per_class_metrics=True), str(tmp_path))
+    pngs = os.listdir(tmp_path / "confusion")
+    assert any(p.endswith(".png") for p in pngs) and summary["final_val_top1"] is not None
+    from PIL import Image
+    assert Image.open(tmp_path / "confusion" / sorted(p for p in pngs if p.endswith(".png"))[0]).size[0] > 100
+
+
+def test_randaugment_and_random_erasing():
+    ra = augment.RandAugment.parse("rand-m9-mstd0.5-n3")
+    assert (ra.magnitude, ra.magnitude_std, ra.num_ops) == (9.0, 0.5, 3)
+    with pytest.raises(ValueError, match="unknown RandAugment option"):
+        augment.RandAugment.parse("rand-m9-q3")
+    rng = np.random.default_rng(0)
+    img = (np.arange(32 * 32 * 3) % 251).astype(np.uint8).reshape(32, 32, 3)
+    outs = [ra(img, rng) for _ in range(20)]
+    assert all(o.shape == img.shape and o.dtype == np.uint8 for o in outs)
+    assert sum(not np.array_equal(o, img) for o in outs) > 10
+    for name in augment._OPS:  # every op runs at full magnitude
+        assert augment._apply(name, augment.Image.fromarray(img), 1.0, rng).size == (32, 32)
+    erased = augment.random_erase(img, rng, 1.0, "const")
+    changed = np.any(erased != img, axis=-1)
+    ys, xs = np.nonzero(changed)
+    assert changed.sum() == (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)  # one box
+    t = transforms.TrainTransform(24, "rrc_flip", randaugment="rand-m9-mstd0.5", reprob=0.25)
+    assert t({"image": img, "label": 1}, rng)["image"].shape == (24, 24, 3)
