@@ -12,22 +12,17 @@ Argument: "<image folder>,<teacher workdir>". The same student without a teacher
 `python experiments/distill_cifar10.py` (results in the README).
 """
 
-import importlib.util
 import os
 
+from jaxvision.config import load
 
-def _sibling(name: str):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_config(arg=None):
     folder, _, teacher_dir = (arg or "/tmp/cifar10/train,/tmp/jv_cifar").partition(",")
-    teacher = _sibling("cifar10_resnet").get_config(folder)
-    c = _sibling("cifar10_resnet").get_config(folder)
+    teacher = load(os.path.join(HERE, "cifar10_resnet.py"), folder)
+    c = load(os.path.join(HERE, "cifar10_resnet.py"), folder)
     c.model.kwargs = {"stem": "3x3", "width": 8}
 
     c.distill.teacher = teacher.model.name

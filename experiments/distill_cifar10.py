@@ -13,10 +13,14 @@ import os
 import sys
 import time
 
+from jaxvision.config import load
 from jaxvision.train import loop
-from tests.test_engine import load_config  # the recipes, loaded by path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, arg=None):
+    return load(os.path.join(ROOT, "configs", f"{name}.py"), arg)
 
 
 def run(config, workdir):
@@ -56,5 +60,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, ROOT)
     main()

@@ -11,7 +11,6 @@ Prints both ratios (on / off).
 """
 
 import contextlib
-import importlib.util
 import json
 import os
 import sys
@@ -21,6 +20,7 @@ import time
 import jax
 import numpy as np
 
+from jaxvision.config import load
 from jaxvision.data import pipeline
 from jaxvision.train import loop
 
@@ -29,10 +29,7 @@ MIX = {"mix.mixup_alpha": 0.8, "mix.cutmix_alpha": 1.0, "mix.mode": "elem"}
 
 
 def recipe(folder, **overrides):
-    spec = importlib.util.spec_from_file_location("r", os.path.join(ROOT, "configs", "cifar10_resnet.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(folder)
+    c = load(os.path.join(ROOT, "configs", "cifar10_resnet.py"), folder)
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
         target = c

@@ -102,3 +102,16 @@ def base() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2  # latest kept, plus the best by val_top1
     c.init_from = ""  # converted weights (python -m jaxvision.models.convert) or a workdir
     return c
+
+
+def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """The config of a recipe file (`get_config(arg)`), as `--config path[:arg]` would build it;
+    for notebooks, tests, experiments and recipes that extend another recipe."""
+    import importlib.util
+    import os
+
+    path = os.path.abspath(path)
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)

@@ -1,7 +1,6 @@
 """The training engine end to end on 8 virtual CPU devices: sharded steps agree with one device,
 resume is exact, the command line works, bad input gets a clear message."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxvision import checkpoint
+from jaxvision import checkpoint, config as config_lib
 from jaxvision.data.sources import DataError
 from jaxvision.errors import UserError
 from jaxvision.parallel.mesh import MeshError
@@ -27,10 +26,7 @@ TINY = {"model.kwargs.width": 8, "data.image_size": 8, "batch_size": 32, "eval_b
 
 
 def load_config(name: str, arg=None):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_lib.load(os.path.join(ROOT, "configs", f"{name}.py"), arg)
 
 
 def configure(config, overrides: dict):

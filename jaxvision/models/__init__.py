@@ -8,7 +8,7 @@
 """
 
 from jaxvision.models import efficientnet, mobilenet, resnet, vit  # noqa: F401  (registration)
-from jaxvision.models.registry import ModelCard, create, list_models, model_card
+from jaxvision.models.registry import ModelCard, architecture, create, list_models, model_card
 from jaxvision.models.util import count_params, init_shapes
 
-__all__ = ["ModelCard", "create", "list_models", "model_card", "count_params", "init_shapes"]
+__all__ = ["ModelCard", "architecture", "create", "list_models", "model_card", "count_params", "init_shapes"]
