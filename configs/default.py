@@ -2,16 +2,18 @@
 
     python -m jaxvision.main --config configs/default.py --workdir /tmp/jv_default
 
-ResNet-18 layout with a 3x3 stride-1 stem and width 16 (0.7M parameters) on the 1,437 training
+ResNet-18 layout with a 3x3 stride-1 stem and width 16 (0.7M parameters) on the 1,438 training
 digits (8x8, upsampled to 16x16), evaluated on the 359 held-out ones: 15 epochs, about a minute on
 2 CPU cores. Measured test top-1: see the README (experiments/default_accuracy.py).
+
+`configs/default.py:vit` is the same job with a small ViT (ViT-Ti layout, 8x8 patches of the 16x16
+image, 4 heads, AdamW), e.g. to try tensor parallelism: `--config.mesh.tensor=4`.
 """
 
 from jaxvision.config import base
 
 
 def get_config(arg=None):
-    del arg
     c = base()
     c.model.name = "resnet18"
     c.model.kwargs = {"stem": "3x3", "width": 16}
@@ -36,4 +38,12 @@ def get_config(arg=None):
     c.loss.label_smoothing = 0.1
 
     c.log_every = 20
+    if arg == "vit":
+        c.model.name = "vit_tiny_patch16_224"
+        c.model.kwargs = {"img_size": 16, "patch_size": 8, "num_heads": 4}
+        c.optim.name = "adamw"
+        c.optim.lr = 1e-3
+        c.optim.weight_decay = 0.05
+    elif arg:
+        raise ValueError(f"configs/default.py takes no argument or 'vit', not {arg!r}")
     return c

@@ -1,9 +1,10 @@
 """grain pipelines that feed the mesh.
 
-Training data is a grain `MapDataset` all the way to the batch: this process's shard of the source,
-shuffled with a fresh permutation every epoch, augmented with per-element generators, batched. So
-batch `k` is a pure function of (seed, k): resuming at step `k` means slicing at `k`, and the
-iterator position saved in a checkpoint is just that number. Host batches become global
+Training data is a grain `MapDataset` all the way to the batch: the source shuffled with a fresh
+permutation every epoch, augmented with per-element generators, cut into per-process chunks of
+which each process takes its own. So batch `k` is a pure function of (seed, k), whatever the
+number of processes: resuming at step `k` means slicing at `k`, and the iterator position saved in
+a checkpoint is just that number. Host batches become global
 `jax.Array`s (`jax.make_array_from_process_local_data`) in a background thread that keeps a few
 steps ahead of the device.
 """
@@ -56,15 +57,18 @@ class BalancedOrder:
 
 def train_batches(source: Source, transform, *, batch_size: int, seed: int, start_step: int = 0,
                   threads: int = 4, workers: int = 0, balanced: bool = False) -> Iterator[dict]:
-    """Endless host batches of `batch_size` (this process's share) starting at batch `start_step`:
-    each epoch a fresh permutation of the source, or with `balanced` a class-balanced draw."""
+    """Endless host batches of `batch_size` (this process's share of each global batch) from
+    batch `start_step` on: each epoch a fresh permutation of the source (or, with `balanced`, a
+    class-balanced draw). The global stream is the same for any number of processes: process p
+    of n takes the p-th of every n consecutive chunks, i.e. its contiguous slice of each global
+    batch, so runs on 1 or n hosts see identical global batches and can resume one another."""
     if balanced:
-        order = grain.MapDataset.range(len(source)).repeat().map_with_index(
-            BalancedOrder(labels_of(source), seed))
-        ds = order[jax.process_index()::jax.process_count()].map(source.__getitem__).seed(seed)
+        ds = grain.MapDataset.range(len(source)).repeat().map_with_index(
+            BalancedOrder(labels_of(source), seed)).map(source.__getitem__).seed(seed)
     else:
-        ds = _shard(source).seed(seed).shuffle().repeat()
-    ds = ds.random_map(transform).batch(batch_size, drop_remainder=True)[start_step:]
+        ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+    ds = ds.random_map(transform).batch(batch_size, drop_remainder=True)
+    ds = ds[jax.process_index()::jax.process_count()][start_step:]
     return iter(_read(ds, threads, workers))
 
 

@@ -19,11 +19,18 @@ def _in_cluster() -> bool:
 
 
 def initialize(config) -> None:
-    """`jax.distributed.initialize()` when `config.distributed` is true, or "auto" and the
-    environment describes a multi-process job (TPU pod, SLURM, Open MPI, explicit coordinator)."""
-    mode = config.get("distributed", "auto")
-    if mode is False or mode == "off" or (mode == "auto" and not _in_cluster()):
+    """`jax.distributed.initialize()` when `config.distributed` is "true", or "auto" and the
+    environment describes a multi-process job (TPU pod, SLURM, Open MPI, or
+    `JAX_COORDINATOR_ADDRESS` with `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID` as `launch/local.py`
+    sets them; on Kubernetes set `config.distributed=true`). JAX detects the cluster's
+    coordinator, process count and rank itself."""
+    mode = str(config.distributed).lower()
+    if mode in ("false", "off") or (mode == "auto" and not _in_cluster()):
         return
-    jax.distributed.initialize()
+    explicit = {}
+    if os.environ.get("JAX_NUM_PROCESSES"):
+        explicit = {"num_processes": int(os.environ["JAX_NUM_PROCESSES"]),
+                    "process_id": int(os.environ["JAX_PROCESS_ID"])}
+    jax.distributed.initialize(**explicit)
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -61,7 +61,16 @@ def make_mesh(ici: Mapping[str, int], dcn: Mapping[str, int] | None = None,
     num_granules = math.prod(int(v) for v in dcn.values() if int(v) > 0)
     dcn_shape = resolve_shape(dcn, num_granules, "dcn mesh")
     ici_shape = resolve_shape(ici, len(devices) // num_granules, "ici mesh")
+    # Multi-slice TPU devices carry distinct `slice_index`es; elsewhere (GPU nodes, CPU hosts, one
+    # slice) a process is the unit that slow links connect.
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    by_process = slices <= 1
+    granules = jax.process_count() if by_process else slices
+    if granules != num_granules:
+        raise MeshError(f"mesh_dcn {dict(zip(AXES, dcn_shape))} spans {num_granules} "
+                        f"{'processes' if by_process else 'slices'} but there are {granules}")
     grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
+                                                process_is_granule=by_process,
                                                 allow_split_physical_axes=True)
     return Mesh(grid, AXES, axis_types=types)
 
@@ -85,6 +94,8 @@ def check_batch(global_batch: int, mesh: Mesh) -> int:
     if global_batch % dp:
         raise MeshError(f"batch_size {global_batch} does not split over the data-parallel size {dp} "
                         f"(mesh {dict(mesh.shape)}: data x fsdp); use a multiple of {dp}")
-    if global_batch % jax.process_count():
-        raise MeshError(f"batch_size {global_batch} does not split over {jax.process_count()} processes")
+    if dp % jax.process_count():
+        raise MeshError(f"the data-parallel size {dp} does not split over {jax.process_count()} "
+                        "processes: each process must hold whole batch shards; give the data or fsdp "
+                        "axis a multiple of the process count")
     return global_batch // jax.process_count()

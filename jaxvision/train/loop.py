@@ -22,7 +22,7 @@ from tqdm import tqdm
 from jaxvision import checkpoint, models
 from jaxvision.data import mix as mix_lib, pipeline, sources, transforms
 from jaxvision.errors import UserError
-from jaxvision.parallel import mesh as mesh_lib, sharding
+from jaxvision.parallel import mesh as mesh_lib, preemption, sharding
 from jaxvision.train import evaluate as eval_lib, optim, state as state_lib, step as step_lib
 from jaxvision.train.writer import MetricWriter, table
 
@@ -262,7 +262,8 @@ def train(config, workdir: str) -> dict:
                disable=jax.process_index() != 0, mininterval=1.0)
     acc, n_acc, t_mark = None, 0, time.perf_counter()
     rates, evals = [], {}
-    step = start
+    step, preempted = start, False
+    watch = preemption.PreemptionWatch()
     try:
         for step in range(start + 1, stop_at + 1):
             state, metrics = train_step(state, next(batches), teacher)
@@ -284,22 +285,32 @@ def train(config, workdir: str) -> dict:
                     result.update(run_eval(s, eval_step, state.ema, workdir, step, prefix="ema_val_"))
                 evals[step] = result
                 writer.write(step, result)
-                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+                if jax.process_index() == 0:
+                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
                 ckpts.save(step, state, {**_identity(s), "next_batch": step}, metrics=result)
             elif (config.checkpoint_every and step % config.checkpoint_every == 0) or step == stop_at:
                 ckpts.save(step, state, {**_identity(s), "next_batch": step})
+            if watch.reached(step) and step < stop_at:
+                if ckpts.latest_step() != step:
+                    ckpts.save(step, state, {**_identity(s), "next_batch": step})
+                preempted = True
+                if jax.process_index() == 0:
+                    bar.write(f"preemption notice: saved step {step}; run the same command to resume")
+                break
             if step % log_every == 0:
                 t_mark = time.perf_counter()  # evaluation and checkpointing are not throughput
     finally:
+        watch.close()
         bar.close()
         batches.close()
         ckpts.wait()
         ckpts.close()
         writer.close()
-    return _summary(s, evals, rates, step, steps, time.perf_counter() - wall_start, workdir)
+    return _summary(s, evals, rates, step, steps, time.perf_counter() - wall_start, workdir, preempted)
 
 
-def _summary(s: Setup, evals: dict, rates: list, step: int, steps: int, wall: float, workdir: str) -> dict:
+def _summary(s: Setup, evals: dict, rates: list, step: int, steps: int, wall: float, workdir: str,
+             preempted: bool = False) -> dict:
     best_step = max(evals, key=lambda k: evals[k]["val_top1"]) if evals else None
     final = evals.get(step, {})
     summary = {
@@ -308,7 +319,8 @@ def _summary(s: Setup, evals: dict, rates: list, step: int, steps: int, wall: fl
         "final_val_top1": final.get("val_top1"), "final_val_top5": final.get("val_top5"),
         **({"final_ema_val_top1": final["ema_val_top1"]} if "ema_val_top1" in final else {}),
         "images_per_sec": float(np.median(rates)) if rates else None, "wall_seconds": wall,
-        "devices": jax.device_count(), "mesh": dict(s.mesh.shape)}
+        "devices": jax.device_count(), "processes": jax.process_count(), "mesh": dict(s.mesh.shape),
+        "preempted": preempted}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

@@ -1,0 +1,169 @@
+"""jaxvision against timm on this machine, in the same run, alternating.
+
+    python experiments/bench.py [--models resnet50 ...] [--batch 16] [--size 224] [--rounds 3]
+
+For each model: training images/s (forward, backward, SGD-momentum update; jaxvision's own jitted
+train step with donated state) and inference images/s, each the median over `rounds` alternating
+rounds after warm-up; jaxvision's compile time, XLA's FLOPs per step and memory estimate;
+parameters. Also the float32 matrix-multiply rate of this machine (jnp.dot and torch.mm of
+2048x2048, best of several), and each model's achieved training FLOP/s as a share of it.
+Prints a markdown table (ratios are jaxvision / timm). Needs the `parity` extra (torch, timm).
+Threads: both frameworks use every core (`--threads` to change torch's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxvision import models
+from jaxvision.parallel import mesh as mesh_lib
+from jaxvision.train import optim, state as state_lib, step as step_lib
+
+
+def timed(fn, repeats: int) -> float:
+    """Seconds per call of `fn` (which must block until done)."""
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def matmul_rate(n: int = 2048, repeats: int = 10):
+    import torch
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    jax_s = min(timed(lambda: f(a).block_until_ready(), 1) for _ in range(repeats))
+    t = torch.randn(n, n)
+    torch.mm(t, t)
+    torch_s = min(timed(lambda: torch.mm(t, t), 1) for _ in range(repeats))
+    flops = 2 * n ** 3
+    return flops / jax_s, flops / torch_s
+
+
+class JaxBench:
+    def __init__(self, name: str, batch: int, size: int):
+        mesh = mesh_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
+        self.model = models.create(name)
+        card = models.model_card(name)
+        cfg = {"name": "sgd", "lr": 0.01, "momentum": 0.9, "schedule": "constant"}
+        import ml_collections
+        tx = optim.optimizer(ml_collections.ConfigDict(cfg), 1000)
+        init, shapes, shardings = state_lib.abstract_state(self.model, tx, size, mesh, 2 ** 62)
+        self.state = jax.jit(init, out_shardings=shardings)()
+        opts = step_lib.StepOptions(num_classes=1000, mean=card.mean, std=card.std)
+        step = step_lib.make_train_step(self.model, tx, opts, mesh)
+        self.train_step = jax.jit(step, donate_argnums=0)
+        rng = np.random.RandomState(0)
+        self.batch = {"image": jnp.asarray(rng.randint(0, 256, (batch, size, size, 3)), jnp.uint8),
+                      "label": jnp.asarray(rng.randint(0, 1000, (batch,)), jnp.int32)}
+        t = time.perf_counter()
+        compiled = self.train_step.lower(self.state, self.batch).compile()
+        self.compile_seconds = time.perf_counter() - t
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        self.train_flops = float(cost["flops"])
+        mem = compiled.memory_analysis()
+        self.memory_bytes = (mem.temp_size_in_bytes + mem.argument_size_in_bytes
+                             + mem.output_size_in_bytes - mem.alias_size_in_bytes)
+        self.infer = jax.jit(lambda v, x: self.model.apply(v, step_lib.normalize(x, card.mean, card.std)))
+        self.params = models.count_params(self.state.params)
+        self.train(), self.inference()  # warm-up
+
+    def train(self):
+        self.state, metrics = self.train_step(self.state, self.batch)
+        jax.block_until_ready(metrics)
+
+    def inference(self):
+        self.infer(self.state.variables(), self.batch["image"]).block_until_ready()
+
+
+class TorchBench:
+    def __init__(self, name: str, batch: int, size: int):
+        import timm
+        import torch
+
+        self.torch = torch
+        self.model = timm.create_model(name, pretrained=False)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.x = torch.randn(batch, 3, size, size)
+        self.y = torch.randint(0, 1000, (batch,))
+        self.params = sum(p.numel() for p in self.model.parameters())
+        self.train(), self.inference()
+
+    def train(self):
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.torch.nn.functional.cross_entropy(self.model(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+
+    def inference(self):
+        self.model.eval()
+        with self.torch.inference_mode():
+            self.model(self.x)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", nargs="+", default=["resnet50", "efficientnet_b0",
+                                                       "mobilenetv3_large_100", "vit_small_patch16_224"])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--train-steps", type=int, default=2, help="timed train steps per round")
+    parser.add_argument("--infer-steps", type=int, default=4, help="timed inference batches per round")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+
+    import torch
+    torch.set_num_threads(args.threads)
+    jax_rate, torch_rate = matmul_rate()
+    rows = []
+    for name in args.models:
+        ours, ref = JaxBench(name, args.batch, args.size), TorchBench(name, args.batch, args.size)
+        times = {k: [] for k in ("jt", "tt", "ji", "ti")}
+        for r in range(args.rounds):
+            pairs = [(ours, ref), (ref, ours)][r % 2]  # alternate who goes first
+            for b in pairs:
+                key = "j" if b is ours else "t"
+                times[key + "t"].append(timed(b.train, args.train_steps))
+            for b in pairs:
+                key = "j" if b is ours else "t"
+                times[key + "i"].append(timed(b.inference, args.infer_steps))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        jt, tt = args.batch / med["jt"], args.batch / med["tt"]
+        ji, ti = args.batch / med["ji"], args.batch / med["ti"]
+        achieved = ours.train_flops / med["jt"]
+        rows.append((name, ours.params, ref.params, jt, tt, ji, ti, ours.compile_seconds,
+                     ours.train_flops / args.batch / 1e9, ours.memory_bytes / 2 ** 20,
+                     achieved / jax_rate))
+        print(f"{name}: train {jt:.2f} vs {tt:.2f} img/s, inference {ji:.2f} vs {ti:.2f} img/s", flush=True)
+        del ours, ref
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    print(f"\n# jaxvision vs timm (`python experiments/bench.py --batch {args.batch} --size {args.size} "
+          f"--rounds {args.rounds}`)\n")
+    print(f"Machine: {os.cpu_count()} cores ({cpu}), jax {jax.__version__}, torch {torch.__version__}, "
+          f"{args.threads} torch threads; float32, batch {args.batch}, {args.size} px. Float32 matmul "
+          f"(2048^3): {jax_rate / 1e9:.0f} GFLOP/s in XLA, {torch_rate / 1e9:.0f} GFLOP/s in torch.\n")
+    print("| model | params (ours = timm) | train img/s jaxvision | train img/s timm | ratio | "
+          "infer img/s jaxvision | infer img/s timm | ratio | compile s | train GFLOP/img (XLA) | "
+          "XLA memory MiB | train FLOP/s / matmul peak |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, p_ours, p_ref, jt, tt, ji, ti, comp, gflop, mem, frac in rows:
+        same = "=" if p_ours == p_ref else "!="
+        print(f"| {name} | {p_ours:,} {same} | {jt:.2f} | {tt:.2f} | {jt / tt:.2f} | {ji:.2f} | {ti:.2f} | "
+              f"{ji / ti:.2f} | {comp:.1f} | {gflop:.2f} | {mem:.0f} | {frac:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
