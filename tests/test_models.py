@@ -25,6 +25,15 @@ REFERENCE_PARAMS = {
     "deit_base_distilled_patch16_224": 87_338_192,
 }
 REFERENCE_PARAMS.update({f"tf_{k}": v for k, v in REFERENCE_PARAMS.items() if k.startswith("efficientnet")})
+# The rest of the zoo (issue: "the rest of the zoo the field asks for").
+REFERENCE_PARAMS.update({
+    "convnext_tiny": 28_589_128, "convnext_small": 50_223_688, "convnext_base": 88_591_464,
+    "swin_tiny_patch4_window7_224": 28_288_354, "swin_small_patch4_window7_224": 49_606_258,
+    "swin_base_patch4_window7_224": 87_768_224,
+    "tf_efficientnetv2_s": 21_458_488, "tf_efficientnetv2_m": 54_139_356,
+    "tf_efficientnet_lite0": 4_652_008, "resnext50_32x4d": 25_028_904, "resnet50d": 25_576_264,
+    "vgg16": 138_357_544, "vgg16_bn": 138_365_992, "inception_v3": 23_834_568,
+})
 
 # One small model per family for the forward tests.
 FAMILY_REPS = ["resnet18", "efficientnet_b0", "tf_efficientnet_b0", "mobilenetv2_100",
@@ -54,7 +63,7 @@ def test_parameter_count_matches_reference(name):
 
 
 def test_list_models_wildcards():
-    assert models.list_models("resnet*") == ["resnet101", "resnet152", "resnet18", "resnet34", "resnet50"]
+    assert models.list_models("resnet*") == ["resnet101", "resnet152", "resnet18", "resnet34", "resnet50", "resnet50d"]
     assert models.list_models("*distilled*") == [
         "deit_base_distilled_patch16_224", "deit_small_distilled_patch16_224",
         "deit_tiny_distilled_patch16_224"]
@@ -68,6 +77,31 @@ def test_model_cards_carry_preprocessing():
     assert deit.mean == (0.485, 0.456, 0.406)
     b3 = models.model_card("tf_efficientnet_b3")
     assert b3.input_size == 300 and 0.85 < b3.crop_pct < 0.95 and b3.num_classes == 1000
+
+
+@pytest.mark.parametrize("name, size", [("convnext_tiny", 80), ("swin_tiny_patch4_window7_224", 96),
+                                        ("vgg16_bn", 64), ("inception_v3", 107), ("resnet50d", 65),
+                                        ("tf_efficientnetv2_s", 72)])
+def test_larger_families_trace_at_non_default_resolutions(name, size):
+    """Shape-level forward (every op traced, nothing computed) at sizes the card does not name."""
+    model = models.create(name, num_classes=3)
+    x = jnp.zeros((2, size, size, 3))
+    out = jax.eval_shape(lambda: model.apply(model.init(jax.random.key(0), x), x))
+    assert out.shape == (2, 3)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "efficientnet_b0", "convnext_tiny",
+                                  "swin_tiny_patch4_window7_224", "vgg16", "inception_v3"])
+def test_features_only_returns_the_maps_the_card_lists(name):
+    card = models.model_card(name)
+    model = models.create(name, features_only=True, out_indices=(1, 3))
+    x = jnp.zeros((1, card.input_size, card.input_size, 3))
+    maps = jax.eval_shape(lambda: model.apply(model.init(jax.random.key(0), x), x))
+    assert len(maps) == 2
+    for m, (channels, stride) in zip(maps, [card.feature_info[1], card.feature_info[3]]):
+        assert m.shape[-1] == channels  # stride: the nominal power of two (Inception's are inexact)
+        assert stride == 2 ** round(np.log2(card.input_size / m.shape[1]))
+    assert card.feature_info[-1][1] == 32
 
 
 def test_unknown_name_and_override_give_clear_errors():

@@ -7,7 +7,8 @@
     features = model.apply(variables, images, pre_logits=True)  # pooled, without the head
 """
 
-from jaxvision.models import efficientnet, mobilenet, resnet, vit  # noqa: F401  (registration)
+from jaxvision.models import (  # noqa: F401  (registration)
+    convnext, efficientnet, inception, mobilenet, resnet, swin, vgg, vit)
 from jaxvision.models.registry import ModelCard, architecture, create, list_models, model_card
 from jaxvision.models.util import count_params, init_shapes
 

@@ -31,6 +31,11 @@ from jaxvision.models.util import count_params, init_shapes
 _PREFIX_TOKENS = ("cls_token", "dist_token")
 
 
+# Buffers some checkpoints carry that we recompute rather than load (BatchNorm's step counter,
+# Swin's relative position index and shifted-window mask).
+_DERIVED_BUFFERS = ("num_batches_tracked", "relative_position_index", "attn_mask")
+
+
 class ConversionError(UserError):
     """The state dict does not fit the model: lists what is missing, unexpected or mis-shaped."""
 
@@ -45,8 +50,9 @@ def to_numpy(value: Any) -> np.ndarray:
 def infer_num_classes(state_dict: Mapping[str, Any]) -> int:
     """Classes of the checkpoint's classifier (0 if it was saved without one)."""
     for head in HEAD_NAMES:
-        if f"{head}.weight" in state_dict:
-            return int(state_dict[f"{head}.weight"].shape[0])
+        for key in (f"{head}.weight", f"{head}.fc.weight"):
+            if key in state_dict:
+                return int(state_dict[key].shape[0])
     return 0
 
 
@@ -93,7 +99,7 @@ def from_torch(name: str, state_dict: Mapping[str, Any], **overrides) -> dict:
             mismatched.append(f"{key}: checkpoint {tuple(source.shape)}, {name} wants {tuple(target.shape)}")
             continue
         out[(collection, *path)] = value
-    unexpected = sorted(k for k in state_dict if k not in used and not k.endswith("num_batches_tracked"))
+    unexpected = sorted(k for k in state_dict if k not in used and not k.endswith(_DERIVED_BUFFERS))
     if missing or unexpected or mismatched:
         parts = [f"{title} ({len(keys)}):\n  " + "\n  ".join(keys[:20]) + ("\n  ..." if len(keys) > 20 else "")
                  for title, keys in (("missing", missing), ("unexpected", unexpected),

@@ -1,5 +1,5 @@
 """The MBConv family as timm builds it: EfficientNet B0-B7 (PyTorch and `tf_` padding flavours),
-MobileNetV2 and MobileNetV3 share one network (`MBConvNet`) described by timm's block strings
+EfficientNet-Lite, EfficientNetV2, MobileNetV2 and MobileNetV3 share one network (`MBConvNet`) described by timm's block strings
 (``"ir_r2_k3_s2_e6_c24_se0.25"``), decoded and scaled here exactly as timm's builder does so that
 channel counts, SE widths and depths (hence parameter counts and converted weights) agree.
 
@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxvision.models import layers
-from jaxvision.models.registry import ModelCard, register
+from jaxvision.models.registry import HALF, ModelCard, register
 
 
 def make_divisible(v: float, divisor: int = 8, round_limit: float = 0.9) -> int:
@@ -32,7 +32,7 @@ def make_divisible(v: float, divisor: int = 8, round_limit: float = 0.9) -> int:
 class BlockArgs:
     """One block, fully resolved: channel counts are final, `se` is the squeeze width (0 = none)."""
 
-    kind: str  # "ds" depthwise-separable, "ir" inverted residual, "cn" conv-bn-act
+    kind: str  # "ds" depthwise-separable, "ir" inverted residual, "er" edge residual, "cn" conv-bn-act
     in_ch: int
     out_ch: int
     mid_ch: int
@@ -46,11 +46,11 @@ class BlockArgs:
 def _decode(block: str) -> tuple[dict, int]:
     """Parse a timm block string into (options, repeats)."""
     kind, *ops = block.split("_")
-    opts: dict = {"kind": kind, "act": None, "noskip": False, "e": 1.0, "se": 0.0}
+    opts: dict = {"kind": kind, "act": None, "noskip": False, "skip": False, "e": 1.0, "se": 0.0}
     acts = {"nre": "relu", "nr6": "relu6", "nhs": "hard_swish", "nsw": "swish"}
     for op in ops:
-        if op == "noskip":
-            opts["noskip"] = True
+        if op in ("noskip", "skip"):
+            opts[op] = True
         elif op in acts:
             opts["act"] = acts[op]
         else:
@@ -84,8 +84,9 @@ def build_blocks(arch: Sequence[Sequence[str]], *, stem: int, depth: float = 1.0
         for (opts, _), rep in zip(decoded, repeats):
             for i in range(rep):
                 out_ch = make_divisible(opts["c"] * width)
-                exp = opts["e"] if opts["kind"] == "ir" else 1.0
-                mid = make_divisible(in_ch * exp) if opts["kind"] == "ir" else in_ch
+                expands = opts["kind"] in ("ir", "er")
+                exp = opts["e"] if expands else 1.0
+                mid = make_divisible(in_ch * exp) if expands else in_ch
                 ratio = opts["se"]
                 if not ratio:
                     se = 0
@@ -94,8 +95,9 @@ def build_blocks(arch: Sequence[Sequence[str]], *, stem: int, depth: float = 1.0
                 else:
                     se = round(mid * (ratio / exp))
                 stride = int(opts["s"]) if i == 0 else 1
-                skip = (not opts["noskip"] and stride == 1 and in_ch == out_ch
-                        and opts["kind"] != "cn")
+                # conv-bn-act blocks add a skip only when asked ("skip"); the others unless "noskip"
+                wants_skip = opts["skip"] if opts["kind"] == "cn" else not opts["noskip"]
+                skip = wants_skip and stride == 1 and in_ch == out_ch
                 stage.append(BlockArgs(opts["kind"], in_ch, out_ch, mid, int(opts["k"]), stride,
                                        se, opts["act"], skip))
                 in_ch = out_ch
@@ -117,7 +119,8 @@ class SqueezeExcite(layers.ZooModule, kw_only=True):
 
 
 class MBConvBlock(layers.ZooModule, kw_only=True):
-    """Depthwise-separable (`ds`), inverted-residual (`ir`) or conv-bn-act (`cn`) block."""
+    """Depthwise-separable (`ds`), inverted-residual (`ir`), edge-residual (`er`: a full k x k
+    expansion conv instead of 1x1 + depthwise, EfficientNetV2) or conv-bn-act (`cn`) block."""
 
     args: BlockArgs
     act: str
@@ -136,6 +139,12 @@ class MBConvBlock(layers.ZooModule, kw_only=True):
         y = x
         if a.kind == "cn":
             y = act(bn(name="bn1")(conv(a.out_ch, a.kernel, stride=a.stride, name="conv")(y)))
+        elif a.kind == "er":
+            y = act(bn(name="bn1")(conv(a.mid_ch, a.kernel, stride=a.stride, name="conv_exp")(y)))
+            if a.se:
+                y = SqueezeExcite(width=a.se, act=self.se_act or a.act or self.act, gate=self.se_gate,
+                                  dtype=self.dtype, param_dtype=self.param_dtype, name="se")(y)
+            y = bn(name="bn2")(conv(a.out_ch, 1, name="conv_pwl")(y))
         else:
             norms = iter(("bn1", "bn2", "bn3"))
             if a.kind == "ir":
@@ -168,11 +177,25 @@ class MBConvNet(layers.ZooModule, kw_only=True):
     num_classes: int = 1000
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    features_only: bool = False
+    out_indices: Sequence[int] = (0, 1, 2, 3, 4)
+
+    def group_matcher(self) -> dict:
+        """Layer groups (timm's): stem, each block; the head conv before pooling joins the last
+        block, MobileNetV3's head conv (after pooling) goes with the classifier."""
+        blocks = [(r"^blocks\.(\d+)\.(\d+)", None)]
+        if self.head == "conv_bn":
+            blocks.append((r"conv_head|bn2", (99999,)))
+        return {"stem": r"^conv_stem|bn1", "blocks": blocks}
 
     @nn.compact
     def __call__(self, x, train: bool = False, pre_logits: bool = False):
+        """Logits; or pooled features (`pre_logits`); or, with `features_only`, the feature maps
+        timm's `features_only` returns: the last block of each resolution (strides 2-32)."""
         act = layers.ACTIVATIONS[self.act]
-        x = self.forward_features(x, train)
+        x, features = self.forward_features(x, train)
+        if self.features_only:
+            return [features[i] for i in self.out_indices]
         if self.head == "conv_bn":
             x = jnp.mean(x, axis=(1, 2))
         else:
@@ -190,8 +213,10 @@ class MBConvNet(layers.ZooModule, kw_only=True):
         bn = functools.partial(self.batch_norm, train, eps=self.bn_eps)
         x = self.conv(self.stem, 3, stride=2, padding=self.padding, name="conv_stem")(x.astype(self.dtype))
         x = act(bn(name="bn1")(x))
-        total, index, stages = sum(len(s) for s in self.blocks), 0, []
-        for stage in self.blocks:
+        features = [] if self.blocks[0][0].stride == 1 else [x]
+        total, index = sum(len(s) for s in self.blocks), 0
+        container = layers.Stages(name="blocks")  # scope `blocks/<stage>/<block>` like timm's
+        for i, stage in enumerate(self.blocks):
             made = []
             for args in stage:
                 made.append(functools.partial(
@@ -200,11 +225,13 @@ class MBConvNet(layers.ZooModule, kw_only=True):
                     drop_path_rate=self.drop_path_rate * index / total,
                     dtype=self.dtype, param_dtype=self.param_dtype))
                 index += 1
-            stages.append(functools.partial(layers.Sequential, made))
-        x = layers.Sequential(stages, name="blocks")(x, train)
+            x = container(i, functools.partial(layers.Sequential, made), x, train)
+            last = i + 1 == len(self.blocks)
+            if last or self.blocks[i + 1][0].stride > 1:
+                features.append(x)
         if self.head == "conv_bn":
             x = act(bn(name="bn2")(self.conv(self.head_features, 1, name="conv_head")(x)))
-        return x
+        return x, features
 
 
 EFFICIENTNET_ARCH = (
@@ -243,3 +270,35 @@ def _register_efficientnets():
 
 
 _register_efficientnets()
+
+
+EFFICIENTNET_LITE_ARCH = tuple(tuple(s.replace("_se0.25", "") for s in stage) for stage in EFFICIENTNET_ARCH)
+
+# EfficientNet-Lite (no SE, ReLU6, stem and head not scaled), as ported from TensorFlow.
+register(ModelCard("tf_efficientnet_lite0", "efficientnet", mean=HALF, std=HALF, top1="75.1 (TF reference)"),
+         MBConvNet, blocks=build_blocks(EFFICIENTNET_LITE_ARCH, stem=32), stem=32, head_features=1280,
+         act="relu6", padding="same", bn_eps=1e-3)
+
+EFFICIENTNETV2_S_ARCH = (
+    ("cn_r2_k3_s1_e1_c24_skip",),
+    ("er_r4_k3_s2_e4_c48",),
+    ("er_r4_k3_s2_e4_c64",),
+    ("ir_r6_k3_s2_e4_c128_se0.25",),
+    ("ir_r9_k3_s1_e6_c160_se0.25",),
+    ("ir_r15_k3_s2_e6_c256_se0.25",),
+)
+EFFICIENTNETV2_M_ARCH = (
+    ("cn_r3_k3_s1_e1_c24_skip",),
+    ("er_r5_k3_s2_e4_c48",),
+    ("er_r5_k3_s2_e4_c80",),
+    ("ir_r7_k3_s2_e4_c160_se0.25",),
+    ("ir_r14_k3_s1_e6_c176_se0.25",),
+    ("ir_r18_k3_s2_e6_c304_se0.25",),
+    ("ir_r5_k3_s1_e6_c512_se0.25",),
+)
+for _size, _arch, _res, _top1 in (("s", EFFICIENTNETV2_S_ARCH, 300, "83.9 (paper, ImageNet-1k)"),
+                                  ("m", EFFICIENTNETV2_M_ARCH, 384, "85.1 (paper, ImageNet-1k)")):
+    register(ModelCard(f"tf_efficientnetv2_{_size}", "efficientnet", input_size=_res, crop_pct=1.0,
+                       mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), top1=_top1),
+             MBConvNet, blocks=build_blocks(_arch, stem=24), stem=24, head_features=1280, act="swish",
+             padding="same", bn_eps=1e-3)

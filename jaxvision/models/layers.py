@@ -74,20 +74,20 @@ class ZooModule(nn.Module):
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
             name=name)
 
-    def layer_norm(self, name: str, eps: float = 1e-6) -> nn.LayerNorm:
+    def layer_norm(self, name: str, eps: float = 1e-6, axis_name: str = "embed") -> nn.LayerNorm:
         return nn.LayerNorm(
             epsilon=eps, dtype=self.dtype, param_dtype=self.param_dtype,
-            scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axis_name,)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name,)),
             name=name)
 
     def dense(self, features: int | Sequence[int], *, axes: tuple, name: str, in_axes: int | tuple = -1,
               kernel_init: Callable = nn.initializers.xavier_uniform(),
-              bias_init: Callable = nn.initializers.zeros) -> nn.DenseGeneral:
+              bias_init: Callable = nn.initializers.zeros, bias: bool = True) -> nn.DenseGeneral:
         """Dense layer; `axes` names every kernel axis (inputs then outputs)."""
         n_out = 1 if isinstance(features, int) else len(features)
         return nn.DenseGeneral(
-            features, axis=in_axes, dtype=self.dtype, param_dtype=self.param_dtype,
+            features, axis=in_axes, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=nn.with_logical_partitioning(kernel_init, axes),
             bias_init=nn.with_logical_partitioning(bias_init, axes[-n_out:]),
             name=name)
@@ -108,6 +108,42 @@ def drop_path(x, rate: float, train: bool):
     if rate <= 0.0 or not train:
         return x
     return nn.Dropout(rate, broadcast_dims=tuple(range(1, x.ndim)))(x, deterministic=False)
+
+
+class Mlp(ZooModule, kw_only=True):
+    """Transformer MLP (`fc1`, exact GELU, `fc2`) on the last axis, as timm's."""
+
+    hidden: int
+    drop_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        y = ACTIVATIONS["gelu"](self.dense(self.hidden, axes=("embed", "mlp"), name="fc1")(x))
+        y = nn.Dropout(self.drop_rate)(y, deterministic=not train)
+        y = self.dense(x.shape[-1], axes=("mlp", "embed"), name="fc2")(y)
+        return nn.Dropout(self.drop_rate)(y, deterministic=not train)
+
+
+class Stage(nn.Module):
+    """A stage as timm names it: optional `downsample`, then the `blocks` Sequential."""
+
+    downsample: Callable[..., nn.Module] | None
+    blocks: Sequence[Callable[..., nn.Module]]
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if self.downsample is not None:
+            x = self.downsample(name="downsample")(x, train)
+        return Sequential(self.blocks, name="blocks")(x, train)
+
+
+class Stages(nn.Module):
+    """A container whose child `i` is `make(name="i")`, called one stage at a time, so a network
+    can keep every stage's output (feature pyramids) under timm's `stages.<i>` style names."""
+
+    @nn.compact
+    def __call__(self, i: int, make: Callable[..., nn.Module], x, train: bool = False):
+        return make(name=str(i))(x, train)
 
 
 class Sequential(nn.Module):

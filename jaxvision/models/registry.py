@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import functools
+import math
 
 import flax.linen as nn
 
@@ -33,6 +35,8 @@ class ModelCard:
     interpolation: str = "bicubic"
     num_classes: int = 1000
     top1: str = ""  # ImageNet top-1 of the published reference weights, with its recipe
+    # (channels, stride) of each `features_only` map at the input size; filled by `model_card`.
+    feature_info: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +74,22 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
 
 
+@functools.lru_cache(maxsize=None)
 def model_card(name: str) -> ModelCard:
-    return _entry(name).card
+    """The card of `name`; for models with `features_only`, `feature_info` lists every feature
+    map's (channels, stride) at the card's input size, derived from the model (shapes only)."""
+    entry = _entry(name)
+    if "features_only" not in entry.fields():
+        return entry.card
+    import jax
+    import jax.numpy as jnp
+
+    model = create(name, features_only=True)  # the default out_indices select every map
+    x = jnp.zeros((1, entry.card.input_size, entry.card.input_size, 3))
+    maps = jax.eval_shape(lambda: model.apply(model.init(jax.random.key(0), x), x))
+    # nominal strides (powers of two), as timm reports them, also for Inception's valid convs
+    info = tuple((m.shape[-1], 2 ** round(math.log2(entry.card.input_size / m.shape[1]))) for m in maps)
+    return dataclasses.replace(entry.card, feature_info=info)
 
 
 def architecture(name: str) -> dict:

@@ -43,18 +43,6 @@ class Attention(layers.ZooModule, kw_only=True):
         return self.dense(d, in_axes=(-2, -1), axes=("heads", "kv", "embed"), name="proj")(out)
 
 
-class Mlp(layers.ZooModule, kw_only=True):
-    hidden: int
-    drop_rate: float = 0.0
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        y = layers.ACTIVATIONS["gelu"](self.dense(self.hidden, axes=("embed", "mlp"), name="fc1")(x))
-        y = nn.Dropout(self.drop_rate)(y, deterministic=not train)
-        y = self.dense(x.shape[-1], axes=("mlp", "embed"), name="fc2")(y)
-        return nn.Dropout(self.drop_rate)(y, deterministic=not train)
-
-
 class Block(layers.ZooModule, kw_only=True):
     num_heads: int
     mlp_ratio: float = 4.0
@@ -66,7 +54,7 @@ class Block(layers.ZooModule, kw_only=True):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         y = Attention(num_heads=self.num_heads, name="attn", **kw)(self.layer_norm("norm1")(x))
         x = x + layers.drop_path(y, self.drop_path_rate, train)
-        y = Mlp(hidden=int(x.shape[-1] * self.mlp_ratio), drop_rate=self.drop_rate, name="mlp",
+        y = layers.Mlp(hidden=int(x.shape[-1] * self.mlp_ratio), drop_rate=self.drop_rate, name="mlp",
                 **kw)(self.layer_norm("norm2")(x), train)
         return x + layers.drop_path(y, self.drop_path_rate, train)
 
@@ -102,6 +90,11 @@ class VisionTransformer(layers.ZooModule, kw_only=True):
     @property
     def num_prefix(self) -> int:
         return 2 if self.distilled else 1
+
+    def group_matcher(self) -> dict:
+        """Layer groups (timm's): embeddings and tokens, each block (final norm with the last)."""
+        return {"stem": r"^cls_token|pos_embed|patch_embed|dist_token",
+                "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]}
 
     @nn.compact
     def __call__(self, x, train: bool = False, pre_logits: bool = False):

@@ -11,6 +11,7 @@ import re
 from typing import Callable
 
 import jax
+import numpy as np
 import optax
 
 from jaxvision.errors import UserError
@@ -92,51 +93,44 @@ def optimizer(cfg, total_steps: int, model_name: str | None = None,
 
 # --- layer-wise learning-rate decay ------------------------------------------------------------
 
-# Top-level modules that form the stem (layer 0), and that sit after the blocks but before pooling
-# (they join the last block). Classifier heads (registry.HEAD_NAMES) take the last id.
-STEM_NAMES = ("conv1", "bn1", "conv_stem", "patch_embed", "cls_token", "dist_token", "pos_embed")
+MATCH_PREVIOUS = 99999.0  # a group key ending in this joins the group before it (timm's rule)
 
 
-def _is_index(key) -> bool:
-    return isinstance(key, str) and key.isdigit()
+def _group_keys(matcher, names: list[str]) -> dict[str, tuple]:
+    """timm's `group_with_matcher` keys: a dict {group: regex | [(regex, suffix)]} (ordinal of the
+    group, then captured numbers, then the suffix) or a callable; unmatched names sort last."""
+    if callable(matcher):
+        return {n: tuple(np.atleast_1d(matcher(n)).astype(float)) for n in names}
+    compiled = []
+    for ordinal, spec in enumerate(matcher.values()):
+        for regex, suffix in (spec if isinstance(spec, (list, tuple)) else [(spec, None)]):
+            compiled.append((re.compile(regex), (ordinal,), suffix))
+
+    def key(name):
+        for regex, prefix, suffix in compiled:
+            m = regex.match(name)
+            if m:
+                return tuple(float(x) for part in (prefix, m.groups(), suffix) if part for x in part)
+        return (float("inf"),)
+    return {n: key(n) for n in names}
 
 
 def layer_ids(model_name: str, params) -> dict:
-    """Layer id of every parameter, as the reference groups them: stem 0, one id per residual /
-    MBConv / transformer block in order, head-side layers before pooling with the last block, the
-    classifier last. MobileNetV3's head conv comes after pooling and goes with the classifier."""
-    head = set(registry.HEAD_NAMES)
-    if registry.architecture(model_name).get("head") == "pool_conv":
-        head.add("conv_head")
-    paths = [tuple(p.key for p in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-
-    def block_key(path):
-        if path[0] in STEM_NAMES or path[0] in head:
-            return None
-        digits = []
-        for key in path[1:]:
-            if not _is_index(key):
-                break
-            digits.append(int(key))
-        if not digits:
-            return None  # e.g. final norm, conv_head + bn2 of EfficientNet
-        container = int(path[0][5:]) if path[0].startswith("layer") and path[0][5:].isdigit() else 0
-        return (container, *digits)
-
-    blocks = sorted({k for k in map(block_key, paths) if k is not None})
-    ordinal = {k: i + 1 for i, k in enumerate(blocks)}
-    last = len(blocks) + 1
-
-    def one(path, _):
-        keys = tuple(p.key for p in path)
-        if keys[0] in STEM_NAMES:
-            return 0
-        if keys[0] in head:
-            return last
-        k = block_key(keys)
-        return ordinal[k] if k is not None else len(blocks)
-
-    return jax.tree_util.tree_map_with_path(one, params)
+    """Layer id of every parameter, grouped exactly as timm's layer-decay does with the model's
+    `group_matcher`: stem 0, one id per block in order, what a matcher marks as "with the previous
+    group" (final norms, EfficientNet's head conv) merged, everything unmatched (the classifier)
+    last. Parameter paths read like timm's names (`blocks.3.attn.qkv.kernel`)."""
+    matcher = registry.create(model_name).group_matcher()
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    names = [".".join(str(getattr(p, "key", p)) for p in path) for path, _ in flat]
+    keys = _group_keys(matcher, names)
+    ids, lid = {}, -1
+    for k in sorted(set(keys.values())):
+        if lid < 0 or k[-1] != MATCH_PREVIOUS:
+            lid += 1
+        ids[k] = lid
+    leaves = [ids[keys[n]] for n in names]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), leaves)
 
 
 def layer_scales(model_name: str, params, decay: float) -> dict:
