@@ -50,9 +50,9 @@ def matmul_rate(n: int = 2048, repeats: int = 10):
 
 
 class JaxBench:
-    def __init__(self, name: str, batch: int, size: int):
+    def __init__(self, name: str, batch: int, size: int, dtype: str = "float32"):
         mesh = mesh_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
-        self.model = models.create(name)
+        self.model = models.create(name, dtype=jnp.dtype(dtype))
         card = models.model_card(name)
         cfg = {"name": "sgd", "lr": 0.01, "momentum": 0.9, "schedule": "constant"}
         import ml_collections
@@ -112,6 +112,17 @@ class TorchBench:
             self.model(self.x)
 
 
+def jax_only(args) -> None:
+    """jaxvision alone, medians over `rounds`, one JSON line per model."""
+    import json
+    for name in args.models:
+        ours = JaxBench(name, args.batch, args.size, args.dtype)
+        train = statistics.median(timed(ours.train, args.train_steps) for _ in range(args.rounds))
+        infer = statistics.median(timed(ours.inference, args.infer_steps) for _ in range(args.rounds))
+        print(json.dumps({"model": name, "train": args.batch / train, "infer": args.batch / infer,
+                          "compile": ours.compile_seconds}), flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=["resnet50", "efficientnet_b0",
@@ -122,7 +133,12 @@ def main():
     parser.add_argument("--train-steps", type=int, default=2, help="timed train steps per round")
     parser.add_argument("--infer-steps", type=int, default=4, help="timed inference batches per round")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--dtype", default="float32", help="jaxvision compute dtype (with --jax-only)")
+    parser.add_argument("--jax-only", action="store_true",
+                        help="no timm: print one JSON line per model (for experiments/xla_flags.py)")
     args = parser.parse_args()
+    if args.jax_only:
+        return jax_only(args)
 
     import torch
     torch.set_num_threads(args.threads)

@@ -9,7 +9,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxvision.models import layers
+from jaxvision.models import conv as conv_lib, layers
 from jaxvision.models.registry import HALF, ModelCard, register
 
 
@@ -25,6 +25,7 @@ class ConvBN(layers.ZooModule, kw_only=True):
         ph, pw = self.padding
         x = nn.Conv(self.features, (kh, kw), strides=self.stride, padding=((ph, ph), (pw, pw)),
                     use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                    conv_general_dilated=conv_lib.conv_general_dilated,
                     kernel_init=nn.with_logical_partitioning(layers.conv_init, (None, None, "conv_in", "conv_out")),
                     name="conv")(x)
         return nn.relu(self.batch_norm(train, name="bn", eps=1e-3)(x))

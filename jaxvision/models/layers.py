@@ -18,6 +18,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxvision.models import conv as conv_lib
+
 Dtype = Any
 
 ACTIVATIONS: dict[str, Callable] = {
@@ -59,6 +61,7 @@ class ZooModule(nn.Module):
         return nn.Conv(
             features, (kernel, kernel), strides=stride, padding=pad, feature_group_count=groups,
             use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,
+            conv_general_dilated=conv_lib.conv_general_dilated,
             kernel_init=nn.with_logical_partitioning(kernel_init, (None, None, in_axis, "conv_out")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
             name=name)

@@ -1,0 +1,70 @@
+"""Convolution lowering for XLA's CPU backend (the `conv_general_dilated` every zoo Conv uses).
+
+XLA:CPU hands a convolution to its Eigen kernels, which are fast for dense 3x3 convolutions but
+slow for two shapes that dominate modern CNNs (measured in experiments/PERF.md):
+  * 1x1 (pointwise) convolutions: 5-8x slower than the same product written as a matrix
+    multiply, which XLA:CPU runs as one GEMM;
+  * depthwise convolutions (one group per channel): 30x slower than k*k shifted multiply-adds,
+    which XLA fuses into a single elementwise loop (and whose gradient is elementwise too).
+On CPU these two cases are rewritten so; everything else, and every case on GPU and TPU (where
+XLA's own convolution emitters are already good), goes to `lax.conv_general_dilated`.
+The rewrite is exact up to float summation order.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _explicit_padding(padding, spatial, kernel, strides):
+    if isinstance(padding, str):
+        return lax.padtype_to_pads(spatial, kernel, strides, padding)
+    return [tuple(p) for p in padding]
+
+
+def _windows(x, kernel, strides, pads):
+    """Yields (i, j, view): the input seen by kernel tap (i, j), for every output position."""
+    x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    (sh, sw), (kh, kw) = strides, kernel
+    out_h = (x.shape[1] - kh) // sh + 1
+    out_w = (x.shape[2] - kw) // sw + 1
+    for i in range(kh):
+        for j in range(kw):
+            yield i, j, x[:, i:i + (out_h - 1) * sh + 1:sh, j:j + (out_w - 1) * sw + 1:sw, :]
+
+
+def pointwise(x, kernel, strides, pads, precision=None):
+    """1x1 convolution as a matrix multiply over the channel axis."""
+    (view,) = [v for _, _, v in _windows(x, (1, 1), strides, pads)]
+    return lax.dot_general(view, kernel[0, 0], (((3,), (0,)), ((), ())), precision=precision)
+
+
+def depthwise(x, kernel, strides, pads):
+    """Depthwise convolution (kernel (kh, kw, 1, C)) as kh*kw shifted multiply-adds."""
+    out = None
+    for i, j, view in _windows(x, kernel.shape[:2], strides, pads):
+        term = view * kernel[i, j, 0]
+        out = term if out is None else out + term
+    return out
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None, **kw):
+    """Drop-in for `lax.conv_general_dilated` (as `nn.Conv(conv_general_dilated=...)`)."""
+    nhwc = (lhs.ndim == 4 and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+            == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC))
+    plain = (jax.default_backend() == "cpu" and nhwc
+             and all(d == 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1))) and not kw)
+    if plain:
+        kernel = rhs.shape[:2]
+        pads = _explicit_padding(padding, lhs.shape[1:3], kernel, window_strides)
+        if kernel == (1, 1) and feature_group_count == 1:
+            return pointwise(lhs, rhs, window_strides, pads, precision)
+        if feature_group_count == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[2] == 1:
+            return depthwise(lhs, rhs, window_strides, pads)
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                    dimension_numbers, feature_group_count, precision=precision, **kw)

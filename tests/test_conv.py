@@ -1,0 +1,52 @@
+"""The CPU lowering of pointwise and depthwise convolutions equals `lax.conv_general_dilated`,
+values and gradients, for every stride/padding/size combination the zoo uses."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jaxvision.models import conv
+
+CASES = [  # (size, channels in, channels out, kernel, stride, groups, padding)
+    (9, 8, 8, 3, 1, 8, "SAME"),
+    (10, 8, 8, 3, 2, 8, "SAME"),
+    (11, 8, 8, 5, 2, 8, ((2, 2), (2, 2))),
+    (10, 8, 8, 3, 2, 8, ((1, 1), (1, 1))),
+    (10, 8, 16, 1, 1, 1, "SAME"),
+    (9, 8, 16, 1, 2, 1, ((0, 0), (0, 0))),
+    (10, 8, 16, 1, 2, 1, "SAME"),
+]
+
+
+@pytest.mark.parametrize("size,cin,cout,k,stride,groups,padding", CASES)
+def test_lowering_matches_lax_conv(size, cin, cout, k, stride, groups, padding):
+    x = jax.random.normal(jax.random.key(0), (2, size, size, cin))
+    w = jax.random.normal(jax.random.key(1), (k, k, cin // groups, cout))
+    args = ((stride, stride), padding)
+    kw = dict(dimension_numbers=conv.NHWC, feature_group_count=groups)
+
+    def loss(f):
+        return lambda x, w: jnp.sum(jnp.sin(f(x, w, *args, **kw)))
+
+    ours, ref = conv.conv_general_dilated(x, w, *args, **kw), lax.conv_general_dilated(x, w, *args, **kw)
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+    for g_ours, g_ref in zip(jax.grad(loss(conv.conv_general_dilated), (0, 1))(x, w),
+                             jax.grad(loss(lax.conv_general_dilated), (0, 1))(x, w)):
+        np.testing.assert_allclose(g_ours, g_ref, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(g_ref))))
+
+
+def test_pointwise_and_depthwise_are_rewritten_on_cpu_and_others_are_not():
+    """The rewrite is what makes them fast: no convolution left in the HLO for those two."""
+    def hlo(k, groups):
+        x = jnp.zeros((1, 8, 8, 4))
+        w = jnp.zeros((k, k, 4 // groups, 4))
+        f = lambda x, w: conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=conv.NHWC,
+                                                   feature_group_count=groups)
+        return jax.jit(f).lower(x, w).as_text()
+
+    assert "convolution" not in hlo(1, 1) and "dot_general" in hlo(1, 1)
+    assert "convolution" not in hlo(3, 4)
+    assert "convolution" in hlo(3, 1) and "convolution" in hlo(3, 2)
