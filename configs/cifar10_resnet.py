@@ -6,7 +6,7 @@
 The argument is the folder (`<class>/<image>.jpg`); 10% of it (by file path) is held out as the
 validation split. ResNet-18 with a 3x3 stride-1 stem at width 16 (0.7M parameters), pad-crop and
 flip, SGD + Nesterov, cosine schedule, label smoothing 0.1, 5 epochs.
-Measured on 2 CPU cores (README): see experiments/cifar10_budget.md for time and accuracy.
+Measured on 2 CPU cores (README): see experiments/results/cifar10_resnet.md for time and accuracy.
 On an accelerator, raise the width (kwargs.width=64 is the usual CIFAR ResNet-18) and epochs.
 """
 

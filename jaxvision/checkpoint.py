@@ -40,8 +40,9 @@ class Checkpoints:
                            keep_checkpoints_without_metrics=False)])
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
                                                enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data"))
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data"),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -66,9 +67,28 @@ class Checkpoints:
             detail = ", ".join(f"{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in wrong.items())
             raise CheckpointError(f"{self.directory} holds checkpoints of another model ({detail}); "
                                   "use a new --workdir, or make the config match to resume")
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_with_shardings(shapes, shardings))))
+        reshaped = self._reshaped(step, shapes)
+        if reshaped:
+            raise CheckpointError(
+                f"{self.directory} holds a {data.get('model')} of another shape than this config "
+                f"builds ({len(reshaped)} arrays differ, e.g. {'; '.join(reshaped[:3])}); use the "
+                "model kwargs it was trained with, or a new --workdir")
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_with_shardings(shapes, shardings))))
+        except ValueError as e:  # a structure orbax cannot map: another version or config
+            raise CheckpointError(f"cannot restore step {step} of {self.directory} into the state "
+                                  f"this config builds: {str(e).splitlines()[0]} (was it written by "
+                                  "another jaxvision version or with other optimizer/EMA settings?)") from None
         return restored["state"], data
+
+    def _reshaped(self, step: int, shapes) -> list[str]:
+        """'path: checkpoint shape vs config shape' for the model's arrays that differ."""
+        stored = flax.traverse_util.flatten_dict(dict(self.manager.item_metadata(step)["state"]), sep="/")
+        wanted = flax.traverse_util.flatten_dict(flax.serialization.to_state_dict(shapes), sep="/")
+        return [f"{k}: {tuple(stored[k].shape)} vs {tuple(v.shape)}" for k, v in wanted.items()
+                if k.startswith(("params/", "batch_stats/")) and k in stored
+                and tuple(getattr(stored[k], "shape", ())) != tuple(v.shape)]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -101,6 +101,19 @@ def base() -> ml_collections.ConfigDict:
     c.checkpoint_every = 0  # steps; 0 = at evaluations and at the end
     c.keep_checkpoints = 2  # latest kept, plus the best by val_top1
     c.init_from = ""  # converted weights (python -m jaxvision.models.convert) or a workdir
+
+    c.predict = ml_collections.ConfigDict()  # --mode predict
+    c.predict.inputs = ""  # an image file, a folder (recursive) or a glob
+    c.predict.top_k = 5
+    c.predict.output = ""  # CSV path; "": WORKDIR/predictions.csv
+    c.calibrate = ml_collections.ConfigDict()  # --mode calibrate (on the eval split)
+    c.calibrate.accept = 0.95  # share of in-distribution validation images the OOD threshold keeps
+    c.calibrate.score = "msp"  # OOD score: msp (maximum softmax) | energy
+    c.calibrate.ood_dataset = ""  # e.g. digits: report AUROC against it
+    c.calibrate.ood_split = "test"
+    c.export = ml_collections.ConfigDict()  # --mode export
+    c.export.format = "stablehlo"
+    c.export.input_size = 0  # raw image side the artifact takes; 0: the eval resize size
     return c
 
 

@@ -2,7 +2,8 @@
 
 Modes: ``train`` (default; resumes if DIR has checkpoints), ``eval`` (best or latest checkpoint
 on `config.data.eval_dataset` / `eval_split`), ``plan`` (parameter sharding table and the cost of
-one compiled step). Any config field can be overridden: ``--config.optim.lr=0.05``.
+one compiled step), ``predict`` (top-k for `config.predict.inputs`), ``calibrate`` (temperature
+and OOD threshold on the eval split), ``export`` (StableHLO with preprocessing inside). Any config field can be overridden: ``--config.optim.lr=0.05``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from jaxvision.errors import UserError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file: configs/<recipe>.py[:arg].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and summaries.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "plan"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "plan", "predict", "calibrate", "export"],
+                          "What to do.")
 
 def main(argv):
     if len(argv) > 1:
@@ -28,7 +30,7 @@ def main(argv):
     if config is None:
         raise app.UsageError("--config is required, e.g. --config configs/default.py")
     if _MODE.value != "plan" and not _WORKDIR.value:
-        raise app.UsageError("--workdir is required for train and eval")
+        raise app.UsageError(f"--workdir is required for --mode={_MODE.value}")
     if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv):
         logging.set_verbosity(logging.WARNING)  # library INFO chatter (orbax, grain) off by default
     from jaxvision.parallel import distributed
@@ -40,6 +42,9 @@ def main(argv):
             print(loop.plan(config))
         elif _MODE.value == "eval":
             loop.evaluate(config, _WORKDIR.value)
+        elif _MODE.value in ("predict", "calibrate", "export"):
+            from jaxvision.deploy import modes
+            getattr(modes, _MODE.value)(config, _WORKDIR.value)
         else:
             os.makedirs(_WORKDIR.value, exist_ok=True)
             loop.train(config, _WORKDIR.value)

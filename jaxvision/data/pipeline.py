@@ -86,13 +86,13 @@ def eval_batches(source: Source, transform, *, batch_size: int, threads: int = 4
     for batch in _read(ds, threads, 0):
         n = len(batch["label"])
         template = batch
-        yield _pad(batch, batch_size, n)
+        yield pad_batch(batch, batch_size, n)
         count += 1
     for _ in range(num_eval_batches(len(source), batch_size) - count):
-        yield _pad({k: v[:0] for k, v in template.items()}, batch_size, 0)
+        yield pad_batch({k: v[:0] for k, v in template.items()}, batch_size, 0)
 
 
-def _pad(batch: dict, size: int, valid: int) -> dict:
+def pad_batch(batch: dict, size: int, valid: int) -> dict:
     out = {k: np.concatenate([v, np.zeros((size - len(v),) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
     out["mask"] = (np.arange(size) < valid).astype(np.float32)
     return out

@@ -77,3 +77,21 @@ def save_confusion(confusion: np.ndarray, class_names, path: str, title: str = "
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def collect_logits(logits_fn, variables, source, transform, mesh, batch_size: int, threads: int = 4,
+                   desc: str = "logits") -> tuple[np.ndarray, np.ndarray]:
+    """(logits (N, C) float32, labels (N,)) of a whole split in source order, for the analyses
+    that need every prediction (calibration, OOD thresholds). `logits_fn(variables, batch)`
+    returns (logits, label, mask) replicated, so every process sees the whole global batch."""
+    local = mesh_lib.check_batch(batch_size, mesh)
+    host = pipeline.eval_batches(source, transform, batch_size=local, threads=threads)
+    logits, labels = [], []
+    for batch in tqdm(pipeline.prefetch_to_mesh(host, mesh), desc=desc, unit="batch",
+                      total=pipeline.num_eval_batches(len(source), local),
+                      disable=jax.process_index() != 0, dynamic_ncols=True):
+        out, label, mask = jax.device_get(logits_fn(variables, batch))
+        keep = np.asarray(mask) > 0
+        logits.append(np.asarray(out, np.float32)[keep])
+        labels.append(np.asarray(label)[keep])
+    return np.concatenate(logits), np.concatenate(labels)

@@ -87,7 +87,7 @@ class Setup:
         return nn.meta.unbox(boxed), shardings
 
 
-def _open(config, dataset: str, split: str) -> sources.Source:
+def open_source(config, dataset: str, split: str) -> sources.Source:
     return sources.open_source(dataset, split, data_dir=config.data.data_dir or None,
                                val_fraction=config.data.val_fraction)
 
@@ -95,8 +95,8 @@ def _open(config, dataset: str, split: str) -> sources.Source:
 def setup(config, *, train: bool = True, evaluate: bool = True) -> Setup:
     """Mesh, data sources and model from the config; fails early with a clear message."""
     mesh = mesh_lib.make_mesh(config.mesh, config.mesh_dcn)
-    train_src = _open(config, config.data.dataset, config.data.train_split) if train else None
-    eval_src = _open(config, config.data.eval_dataset or config.data.dataset,
+    train_src = open_source(config, config.data.dataset, config.data.train_split) if train else None
+    eval_src = open_source(config, config.data.eval_dataset or config.data.dataset,
                      config.data.eval_split) if evaluate else None
     num_classes = config.model.num_classes or (train_src or eval_src).num_classes
     for src in (train_src, eval_src):
@@ -132,7 +132,7 @@ def _train_transform(s: Setup) -> transforms.TrainTransform:
                                      d.reprob, d.remode)
 
 
-def _eval_transform(s: Setup) -> transforms.EvalTransform:
+def eval_transform(s: Setup) -> transforms.EvalTransform:
     d = s.config.data
     return transforms.EvalTransform(s.image_size, d.crop_pct or s.card.crop_pct,
                                     d.interpolation or s.card.interpolation)
@@ -206,7 +206,7 @@ def jit_eval_step(s: Setup, variable_shardings):
 def run_eval(s: Setup, eval_step, variables, workdir: str | None = None, step: int = 0,
              prefix: str = "val_") -> dict:
     c = s.config
-    metrics, confusion = eval_lib.run(eval_step, variables, s.eval_source, _eval_transform(s), s.mesh,
+    metrics, confusion = eval_lib.run(eval_step, variables, s.eval_source, eval_transform(s), s.mesh,
                                       c.eval_batch_size or c.batch_size, c.data.threads, prefix)
     if confusion is not None and workdir and jax.process_index() == 0:
         name = f"{prefix}confusion_{step:07d}"
@@ -233,6 +233,9 @@ def train(config, workdir: str) -> dict:
     init, shapes, shardings = s.abstract_state(tx)
     ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
     start = ckpts.latest_step() or 0
+    if jax.process_index() == 0:  # for predict and export, which may run without the dataset
+        with open(os.path.join(workdir, "classes.json"), "w") as f:
+            json.dump(list(s.train_source.class_names), f)
     if start:
         state, _ = ckpts.restore(start, shapes, shardings, _identity(s))
         logging.info("resuming from step %d in %s", start, ckpts.directory)
@@ -331,32 +334,40 @@ def _summary(s: Setup, evals: dict, rates: list, step: int, steps: int, wall: fl
     return summary
 
 
+def trained_variables(s: Setup, workdir: str):
+    """(variables, their shardings, step) of the workdir's best (else latest) checkpoint, or of
+    `init_from` (step None), for every mode that uses a trained model."""
+    config = s.config
+    init, shapes, shardings = s.abstract_state(s.optimizer(1))
+    ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
+    try:
+        step = ckpts.best_step() or ckpts.latest_step()
+        if step is not None:
+            state, _ = ckpts.restore(step, shapes, shardings, _identity(s))
+            return state.variables(), shardings.variables(), step
+    finally:
+        ckpts.close()
+    if not config.init_from:
+        raise checkpoint.CheckpointError(f"no trained model: no checkpoint in {ckpts.directory} "
+                                         "and no config.init_from")
+    state = jax.jit(init, out_shardings=shardings)()
+    params, stats, heads = checkpoint.init_from(config.init_from, config.model.name,
+                                                state.params, state.batch_stats)
+    if heads:
+        raise checkpoint.CheckpointError(f"init_from {config.init_from} has no head for "
+                                         f"{s.num_classes} classes; this mode needs a trained head")
+    return {"params": params, "batch_stats": stats}, shardings.variables(), None
+
+
 def evaluate(config, workdir: str) -> dict:
     """Evaluate the workdir's best (else latest) checkpoint, or `init_from`, on the eval split."""
     s = setup(config, train=False)
-    init, shapes, shardings = s.abstract_state(s.optimizer(1))
-    ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
-    step = ckpts.best_step() or ckpts.latest_step()
-    if step is not None:
-        state, _ = ckpts.restore(step, shapes, shardings, _identity(s))
-        variables = state.variables()
-    elif config.init_from:
-        state = jax.jit(init, out_shardings=shardings)()
-        params, stats, heads = checkpoint.init_from(config.init_from, config.model.name,
-                                                    state.params, state.batch_stats)
-        if heads:
-            raise checkpoint.CheckpointError(f"init_from {config.init_from} has no head for "
-                                             f"{s.num_classes} classes; evaluation needs a trained head")
-        variables = {"params": params, "batch_stats": stats}
-    else:
-        raise checkpoint.CheckpointError(f"nothing to evaluate: no checkpoint in {ckpts.directory} "
-                                         "and no config.init_from")
-    result = run_eval(s, jit_eval_step(s, shardings.variables()), variables, workdir, step or 0)
+    variables, variable_shardings, step = trained_variables(s, workdir)
+    result = run_eval(s, jit_eval_step(s, variable_shardings), variables, workdir, step or 0)
     if jax.process_index() == 0:
         dataset = config.data.eval_dataset or config.data.dataset
         print(table([(k, f"{v:.4f}") for k, v in result.items()],
                     header=(f"{dataset}:{config.data.eval_split} ({len(s.eval_source)} images, step {step})", "")))
-    ckpts.close()
     return result
 
 

@@ -1,0 +1,155 @@
+"""The deployment modes of `python -m jaxvision.main`: predict, calibrate and export, each on the
+workdir's best (else latest) checkpoint or `config.init_from`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from jaxvision import models
+from jaxvision.data import pipeline, sources
+from jaxvision.deploy import calibration, export as export_lib, predict as predict_lib
+from jaxvision.errors import UserError
+from jaxvision.parallel import mesh as mesh_lib
+from jaxvision.train import evaluate as eval_lib, loop, step as step_lib
+from jaxvision.train.writer import table
+
+CLASSES_FILE = "classes.json"
+
+
+def class_names(config, workdir: str) -> list[str]:
+    """From the workdir (written by training), else from the dataset the config names."""
+    path = os.path.join(workdir, CLASSES_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    dataset = config.data.eval_dataset or config.data.dataset
+    return list(loop.open_source(config, dataset, config.data.eval_split).class_names)
+
+
+def _trained(config, workdir: str, *, evaluate: bool = False):
+    """(setup, variables, variable shardings, step, class names) of the trained model."""
+    names = class_names(config, workdir)
+    config = config.copy_and_resolve_references()
+    config.model.num_classes = config.model.num_classes or len(names)
+    s = loop.setup(config, train=False, evaluate=evaluate)
+    variables, shardings, step = loop.trained_variables(s, workdir)
+    return s, variables, shardings, step, names
+
+
+def _logits_fn(s, variable_shardings):
+    def fn(variables, batch):
+        images = step_lib.normalize(batch["image"], s.card.mean, s.card.std)
+        return s.model.apply(variables, images, train=False), batch["label"], batch["mask"]
+    return jax.jit(fn, in_shardings=(variable_shardings, s.batch_shardings(with_mask=True)),
+                   out_shardings=mesh_lib.replicated(s.mesh))
+
+
+def _split_logits(s, fn, variables, source, desc: str):
+    c = s.config
+    return eval_lib.collect_logits(fn, variables, source, loop.eval_transform(s), s.mesh,
+                                   c.eval_batch_size or c.batch_size, c.data.threads, desc)
+
+
+def calibrate(config, workdir: str) -> dict:
+    """Fit the temperature and the OOD threshold on the validation split; report ECE (and AUROC
+    on `calibrate.ood_dataset`); write calibration.json and reliability.png."""
+    c = config.calibrate
+    if not 0 < c.accept < 1:
+        raise UserError(f"config.calibrate.accept must be a fraction in (0, 1), not {c.accept}")
+    if c.score not in calibration.SCORES:
+        raise UserError(f"config.calibrate.score must be one of {', '.join(calibration.SCORES)}")
+    s, variables, shardings, step, _ = _trained(config, workdir, evaluate=True)
+    fn = _logits_fn(s, shardings)
+    logits, labels = _split_logits(s, fn, variables, s.eval_source, "validation logits")
+    ood = None
+    if c.ood_dataset:
+        ood_source = loop.open_source(s.config, c.ood_dataset, c.ood_split)
+        ood, _ = _split_logits(s, fn, variables, ood_source, f"OOD logits ({c.ood_dataset})")
+    result = calibration.calibrate(logits, labels, accept=c.accept, score=c.score, ood_logits=ood)
+    result.update(model=s.config.model.name, step=step, ood_dataset=c.ood_dataset or None)
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        calibration.save(result, workdir)
+        png = calibration.save_reliability(
+            calibration.softmax(logits), calibration.softmax(logits, result["temperature"]), labels,
+            os.path.join(workdir, "reliability.png"),
+            f"{s.config.model.name}, {len(labels)} validation images, T = {result['temperature']:.3f}")
+        print(table([(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in result.items()],
+                    header=("calibration", "")))
+        print(f"wrote {os.path.join(workdir, calibration.FILE)} and {png}")
+    return result
+
+
+def predict(config, workdir: str) -> list[dict]:
+    """Top-k per input image: a table on stdout and a CSV (`predict.output`, default in WORKDIR)."""
+    if jax.process_count() > 1:
+        raise UserError("predict runs on one host; launch it without jax.distributed")
+    paths = predict_lib.list_inputs(config.predict.inputs)
+    s, variables, shardings, step, names = _trained(config, workdir)
+    fn = _logits_fn(s, shardings)
+    transform = loop.eval_transform(s)
+    batch_size = config.eval_batch_size or config.batch_size
+    mesh_lib.check_batch(batch_size, s.mesh)
+    logits = np.zeros((len(paths), s.num_classes), np.float32)
+    readable = np.zeros(len(paths), bool)
+    for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch", dynamic_ncols=True):
+        chunk = paths[start:start + batch_size]
+        images = [predict_lib.read(p) for p in chunk]
+        ok = [i for i, im in enumerate(images) if im is not None]
+        readable[[start + i for i in ok]] = True
+        if not ok:
+            continue
+        batch = [transform({"image": images[i], "label": 0}) for i in ok]
+        host = pipeline.pad_batch({"image": np.stack([b["image"] for b in batch]),
+                                   "label": np.zeros(len(batch), np.int32)}, batch_size, len(batch))
+        out, _, _ = jax.device_get(fn(variables, pipeline.to_global(host, s.mesh)))
+        logits[[start + i for i in ok]] = np.asarray(out, np.float32)[:len(ok)]
+    cal = calibration.load(workdir)
+    top_k = max(1, min(config.predict.top_k, s.num_classes))
+    result = predict_lib.rows(paths, logits, readable, names, top_k, cal)
+    csv_path = predict_lib.write_csv(result, config.predict.output or os.path.join(workdir, "predictions.csv"))
+    header = ("image", *[f"top-{k}" for k in range(1, top_k + 1)], "flag" if cal else "")
+    print(table(predict_lib.format_rows(result, top_k), header=header))
+    more = f" ({len(result) - 50} more rows in the CSV)" if len(result) > 50 else ""
+    flagged = sum(bool(r.get("flag")) for r in result)
+    print(f"{len(result)} images, {int((~readable).sum())} unreadable"
+          + (f", {flagged} flagged out-of-distribution (calibration.json)" if cal else
+             "; run --mode calibrate to flag out-of-distribution inputs")
+          + f"{more}; wrote {csv_path}")
+    return result
+
+
+def export(config, workdir: str) -> str:
+    """Write WORKDIR/export/model.<format> with preprocessing inside, reload it, and check that it
+    reproduces the in-process logits on random images of the input size."""
+    fmt = config.export.format
+    export_lib.check_format(fmt)
+    s, variables, _, step, names = _trained(config, workdir)
+    variables = jax.device_get(variables)
+    d = s.config.data
+    crop_pct, interpolation = d.crop_pct or s.card.crop_pct, d.interpolation or s.card.interpolation
+    side = config.export.input_size or int(np.floor(s.image_size / crop_pct))
+    serve = export_lib.serving_fn(s.model, variables, size=s.image_size, crop_pct=crop_pct,
+                                  interpolation=interpolation, mean=s.card.mean, std=s.card.std)
+    artifact = export_lib.export_stablehlo(serve, (side, side))
+    meta = {"model": s.config.model.name, "step": step, "format": fmt, "input": [None, side, side, 3],
+            "input_dtype": "uint8", "output": "logits", "class_names": names,
+            "preprocessing": {"resize_short_side": int(np.floor(s.image_size / crop_pct)),
+                              "crop": s.image_size, "interpolation": interpolation,
+                              "mean": list(s.card.mean), "std": list(s.card.std)}}
+    cal = calibration.load(workdir)
+    if cal:
+        meta["calibration"] = {k: cal[k] for k in ("temperature", "ood_score", "ood_threshold")}
+    path = export_lib.write(os.path.join(workdir, "export"), fmt, artifact, meta)
+    images = np.random.default_rng(0).integers(0, 256, (3, side, side, 3), dtype=np.uint8)
+    want = export_lib.reference_logits(serve, images)
+    got = np.asarray(export_lib.load(path)(images))
+    rel = float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-12))
+    print(f"wrote {path} ({os.path.getsize(path) / 2 ** 20:.1f} MiB; input uint8 (batch, {side}, {side}, 3), "
+          f"{len(names)} classes) and model.json; reloaded: max |difference| / max |logit| = {rel:.1e}")
+    return path

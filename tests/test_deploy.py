@@ -1,0 +1,170 @@
+"""Deployment modes: calibration maths, and predict / calibrate / export end to end on real
+CIFAR-10 images (a 20-per-class subset of ../shared/data) with a tiny trained model."""
+
+import csv
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+
+from jaxvision.deploy import calibration, export
+from tests.test_engine import ROOT, TINY, cli, configure, flags, load_config
+
+CIFAR_TAR = os.path.join(ROOT, "..", "shared", "data", "cifar10-train.tar.gz")
+
+
+def test_fitted_temperature_recovers_the_one_that_generated_the_labels():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (20000, 10))
+    labels = np.array([rng.choice(10, p=p) for p in calibration.softmax(logits, 2.0)])
+    assert calibration.fit_temperature(logits, labels) == pytest.approx(2.0, rel=0.05)
+    assert calibration.nll(logits, labels, 2.0) < calibration.nll(logits, labels, 1.0)
+    # Overconfident logits (true T = 2): scaling must cut the calibration error.
+    assert calibration.ece(calibration.softmax(logits, 2.0), labels) < 0.02
+    assert calibration.ece(calibration.softmax(logits), labels) > 0.05
+
+
+def test_ece_matches_a_direct_computation():
+    rng = np.random.default_rng(1)
+    probs = calibration.softmax(rng.normal(0, 2, (500, 5)))
+    labels = rng.integers(0, 5, 500)
+    conf, correct = probs.max(1), probs.argmax(1) == labels
+    direct = 0.0
+    for lo in np.linspace(0, 1, 16)[:-1]:
+        inside = (conf >= lo) & (conf < lo + 1 / 15)
+        if inside.any():
+            direct += inside.sum() / 500 * abs(correct[inside].mean() - conf[inside].mean())
+    assert calibration.ece(probs, labels, 15) == pytest.approx(direct, abs=1e-9)
+
+
+def test_threshold_and_auroc():
+    scores = np.arange(1000.0)
+    assert np.mean(scores >= calibration.threshold_for(scores, 0.9)) == pytest.approx(0.9, abs=0.002)
+    assert calibration.auroc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
+    assert calibration.auroc(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == 0.5
+    logits = np.array([[5.0, 0.0], [0.1, 0.0]])
+    assert np.all(np.diff(calibration.ood_score(logits, "msp")) < 0)
+    assert np.all(np.diff(calibration.ood_score(logits, "energy")) < 0)
+
+
+@pytest.fixture(scope="module")
+def cifar_subset(tmp_path_factory):
+    """20 real CIFAR-10 training JPEGs per class, as an image folder."""
+    if not os.path.exists(CIFAR_TAR):
+        pytest.skip(f"{CIFAR_TAR} not found (CI has ../shared beside the clone)")
+    root = tmp_path_factory.mktemp("cifar")
+    taken: dict = {}
+    with tarfile.open(CIFAR_TAR) as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if member.isfile() and len(parts) == 3 and taken.get(parts[1], 0) < 20:
+                taken[parts[1]] = taken.get(parts[1], 0) + 1
+                os.makedirs(root / parts[1], exist_ok=True)
+                (root / parts[1] / parts[2]).write_bytes(tar.extractfile(member).read())
+            if len(taken) == 10 and all(n == 20 for n in taken.values()):
+                break
+    return str(root)
+
+
+# 28 px crops of the 32 px images at crop_pct 0.875: no resize, so export must match exactly.
+CIFAR_TINY = {**TINY, "data.image_size": 28, "data.crop_pct": 0.875, "data.val_fraction": 0.3,
+              "batch_size": 16, "eval_batch_size": 16, "data.augment": "pad_crop_flip"}
+
+
+@pytest.fixture(scope="module")
+def trained(cifar_subset, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("trained"))
+    overrides = {**CIFAR_TINY, "data.dataset": f"folder:{cifar_subset}", "data.eval_split": "val"}
+    cli("--config", "configs/default.py", "--workdir", workdir, *flags(overrides))
+    return workdir, overrides
+
+
+def test_calibrate_writes_temperature_threshold_and_diagram(trained, cifar_subset):
+    from jaxvision.data.sources import FolderSource
+
+    workdir, overrides = trained
+    out = cli("--config", "configs/default.py", "--workdir", workdir, "--mode", "calibrate",
+              *flags({**overrides, "calibrate.ood_dataset": "digits", "calibrate.accept": 0.9}))
+    result = json.load(open(os.path.join(workdir, "calibration.json")))
+    assert result["nll_after"] <= result["nll_before"] + 1e-9  # T = 1 is inside the search
+    assert result["validation_images"] == len(FolderSource(cifar_subset, "val", 0.3)) and result["ood_dataset"] == "digits"
+    assert 0 <= result["auroc_msp"] <= 1 and 0 <= result["ood_rejected"] <= 1
+    assert os.path.getsize(os.path.join(workdir, "reliability.png")) > 10_000
+    assert "ece_after" in out.stdout
+
+
+def test_predict_table_csv_and_unreadable_file(trained, cifar_subset, tmp_path):
+    workdir, overrides = trained
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for cls in ("cat", "ship"):
+        name = sorted(os.listdir(os.path.join(cifar_subset, cls)))[0]
+        (inputs / f"{cls}.jpg").write_bytes(open(os.path.join(cifar_subset, cls, name), "rb").read())
+    (inputs / "broken.jpg").write_bytes(b"not an image")
+    out = cli("--config", "configs/default.py", "--workdir", workdir, "--mode", "predict",
+              *flags({**overrides, "predict.inputs": str(inputs), "predict.top_k": 3}))
+    rows = list(csv.DictReader(open(os.path.join(workdir, "predictions.csv"))))
+    assert [os.path.basename(r["path"]) for r in rows] == ["broken.jpg", "cat.jpg", "ship.jpg"]
+    assert rows[0]["error"] == "unreadable image"
+    classes = sorted(os.listdir(cifar_subset))
+    for r in rows[1:]:
+        probs = [float(r[f"prob_{k}"]) for k in (1, 2, 3)]
+        assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+        assert {r[f"label_{k}"] for k in (1, 2, 3)} <= set(classes)
+    assert "cat.jpg" in out.stdout and "1 unreadable" in out.stdout
+
+
+def test_stablehlo_export_reproduces_the_model_on_real_images(trained, cifar_subset):
+    import jax
+
+    from jaxvision.deploy import modes
+    from jaxvision.train import loop, step as step_lib
+
+    workdir, overrides = trained
+    cli("--config", "configs/default.py", "--workdir", workdir, "--mode", "export", *flags(overrides))
+    meta = json.load(open(os.path.join(workdir, "export", "model.json")))
+    assert meta["input"] == [None, 32, 32, 3] and len(meta["class_names"]) == 10
+    serve = export.load(os.path.join(workdir, "export", "model.stablehlo"))
+
+    config = configure(load_config("default"), overrides)
+    s, variables, _, _, _ = modes._trained(config, workdir, evaluate=True)
+    images = np.stack([s.eval_source[i]["image"] for i in range(7)])  # real 32 px JPEGs
+    transform = loop.eval_transform(s)
+    host = np.stack([transform({"image": im, "label": 0})["image"] for im in images])
+    want = np.asarray(s.model.apply(jax.device_get(variables), step_lib.normalize(host, s.card.mean, s.card.std)))
+    for batch in (1, 7):  # the batch dimension is symbolic
+        got = np.asarray(serve(images[:batch]))
+        assert np.max(np.abs(got - want[:batch])) / np.max(np.abs(want)) < 1e-4
+
+
+def test_in_graph_resize_agrees_with_the_host_pipeline(cifar_subset):
+    """When the artifact must resize (here 32 -> 27 px, antialiased bicubic), its pixels differ from
+    PIL's by a fraction of a grey level on average."""
+    from PIL import Image
+
+    from jaxvision.data import transforms
+
+    files = [os.path.join(cifar_subset, c, f) for c in sorted(os.listdir(cifar_subset))
+             for f in sorted(os.listdir(os.path.join(cifar_subset, c)))[:3]]
+    images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    host = np.stack([transforms.center_crop(im, 24, 0.875, "bicubic") for im in images]).astype(np.float32)
+    ours = 255 * np.asarray(export.preprocess(images, size=24, crop_pct=0.875, interpolation="bicubic",
+                                              mean=(0, 0, 0), std=(1, 1, 1)))
+    assert ours.shape == host.shape
+    assert np.mean(np.abs(ours - host)) < 0.5
+
+
+def test_bad_input_gets_a_clear_error(trained, cifar_subset, tmp_path):
+    workdir, overrides = trained
+    base = ["--config", "configs/default.py", "--workdir", workdir]
+    empty = cli(*base, "--mode", "predict", *flags({**overrides, "predict.inputs": str(tmp_path)}), check=False)
+    assert empty.returncode == 2 and "no images" in empty.stderr
+    onnx = cli(*base, "--mode", "export", *flags({**overrides, "export.format": "onnx"}), check=False)
+    assert onnx.returncode == 2 and "stablehlo" in onnx.stderr
+    other = cli(*base, "--mode", "export", *flags({**overrides, "model.kwargs.width": 16}), check=False)
+    assert other.returncode == 2 and "error:" in other.stderr
+    nothing = cli("--config", "configs/default.py", "--workdir", str(tmp_path / "none"), "--mode", "predict",
+                  *flags({**overrides, "predict.inputs": cifar_subset}), check=False)
+    assert nothing.returncode == 2 and "no checkpoint" in nothing.stderr
