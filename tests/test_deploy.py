@@ -168,3 +168,60 @@ def test_bad_input_gets_a_clear_error(trained, cifar_subset, tmp_path):
     nothing = cli("--config", "configs/default.py", "--workdir", str(tmp_path / "none"), "--mode", "predict",
                   *flags({**overrides, "predict.inputs": cifar_subset}), check=False)
     assert nothing.returncode == 2 and "no checkpoint" in nothing.stderr
+
+
+def test_gradcam_of_a_resnet_equals_cam_from_its_classifier_weights():
+    """With global average pooling and a linear head, Grad-CAM's channel weights are the head's
+    weights of the class (divided by H*W), so it must equal CAM computed independently from the
+    `features_only` map and the `fc` kernel."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from jaxvision import models
+    from jaxvision.deploy import explain
+
+    model = models.create("resnet18", num_classes=5, width=8)
+    x = jax.random.uniform(jax.random.key(0), (3, 64, 64, 3))
+    variables = nn.meta.unbox(model.init(jax.random.key(1), x))
+    fc = variables["params"]["fc"]  # a trained-like head (the init is zeros)
+    fc["kernel"] = jax.random.normal(jax.random.key(2), fc["kernel"].shape)
+    index, path, shape = explain.target_layer(model, variables, (64, 64, 3))
+    assert path == ("layer4",) and shape[1:] == (2, 2, 64)
+    heat, cls, logits = explain.gradcam(model, variables, x, index)
+    assert heat.shape == (3, 64, 64) and np.all((heat >= 0) & (heat <= 1))
+    np.testing.assert_array_equal(cls, jnp.argmax(logits, -1))
+    features = models.create("resnet18", width=8, features_only=True, out_indices=(4,)).apply(variables, x)[0]
+    kernel = variables["params"]["fc"]["kernel"]
+    cam = jax.nn.relu(jnp.einsum("bhwc,cb->bhw", features, kernel[:, cls]))
+    cam = cam / jnp.max(cam, axis=(1, 2), keepdims=True)
+    want = jax.image.resize(cam, (3, 64, 64), "bilinear")
+    np.testing.assert_allclose(heat, np.clip(want, 0, 1), atol=1e-4)
+
+
+def test_gradcam_finds_the_last_feature_map_of_other_families_and_refuses_vit():
+    import jax
+    import jax.numpy as jnp
+
+    from jaxvision import models
+    from jaxvision.deploy import explain
+    from jaxvision.errors import UserError
+
+    for name, size, want in [("convnext_tiny", 64, (2, 2, 768)), ("mobilenetv3_small_100", 64, (2, 2, 576))]:
+        model = models.create(name, num_classes=3)
+        variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+        assert explain.target_layer(model, variables, (size, size, 3))[2][1:] == want
+    vit = models.create("vit_tiny_patch16_224", num_classes=3)
+    variables = jax.eval_shape(lambda: vit.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
+    with pytest.raises(UserError, match="attention rollout"):
+        explain.target_layer(vit, variables, (224, 224, 3))
+
+
+def test_explain_mode_writes_overlays(trained, cifar_subset, tmp_path):
+    workdir, overrides = trained
+    cat = sorted(os.listdir(os.path.join(cifar_subset, "cat")))[0]
+    (tmp_path / "cat.jpg").write_bytes(open(os.path.join(cifar_subset, "cat", cat), "rb").read())
+    out = cli("--config", "configs/default.py", "--workdir", workdir, "--mode", "explain",
+              *flags({**overrides, "predict.inputs": str(tmp_path)}))
+    assert os.path.getsize(os.path.join(workdir, "explain", "cat.png")) > 5_000
+    assert "wrote 1 Grad-CAM overlays" in out.stdout

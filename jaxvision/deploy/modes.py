@@ -153,3 +153,32 @@ def export(config, workdir: str) -> str:
     print(f"wrote {path} ({os.path.getsize(path) / 2 ** 20:.1f} MiB; input uint8 (batch, {side}, {side}, 3), "
           f"{len(names)} classes) and model.json; reloaded: max |difference| / max |logit| = {rel:.1e}")
     return path
+
+
+def explain(config, workdir: str) -> list[str]:
+    """Grad-CAM overlays of the predicted class for `config.predict.inputs`, in WORKDIR/explain."""
+    from jaxvision.deploy import explain as explain_lib
+
+    paths = predict_lib.list_inputs(config.predict.inputs)
+    s, variables, _, _, names = _trained(config, workdir)
+    variables = jax.device_get(variables)
+    index, path, shape = explain_lib.target_layer(s.model, variables, (s.image_size, s.image_size, 3))
+    fn = jax.jit(lambda v, x: explain_lib.gradcam(
+        s.model, v, step_lib.normalize(x, s.card.mean, s.card.std), index))
+    transform = loop.eval_transform(s)
+    out_dir = os.path.join(workdir, "explain")
+    written = []
+    for p in tqdm(paths, desc="explain", unit="image", dynamic_ncols=True):
+        image = predict_lib.read(p)
+        if image is None:
+            print(f"skipped unreadable image {p}")
+            continue
+        x = transform({"image": image, "label": 0})["image"]
+        cam, cls, logits = jax.device_get(fn(variables, x[None]))
+        prob = float(np.max(np.asarray(jax.nn.softmax(logits[0]))))
+        name = os.path.splitext(os.path.basename(p))[0]
+        written.append(explain_lib.save_overlay(
+            x, cam[0], os.path.join(out_dir, f"{name}.png"),
+            f"{os.path.basename(p)}: {names[int(cls[0])]} ({prob:.2f}); Grad-CAM on {'/'.join(path)} {tuple(shape[1:])}"))
+    print(f"wrote {len(written)} Grad-CAM overlays to {out_dir} (layer {'/'.join(path)})")
+    return written
