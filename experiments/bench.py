@@ -8,7 +8,11 @@ rounds after warm-up; jaxvision's compile time, XLA's FLOPs per step and memory 
 parameters. Also the float32 matrix-multiply rate of this machine (jnp.dot and torch.mm of
 2048x2048, best of several), and each model's achieved training FLOP/s as a share of it.
 Prints a markdown table (ratios are jaxvision / timm). Needs the `parity` extra (torch, timm).
-Threads: both frameworks use every core (`--threads` to change torch's).
+Threads: both frameworks use every core (`--threads` to change torch's). Sharing one process,
+they disturb each other through torch's OpenMP wait policy: spinning threads (ACTIVE) steal the
+cores from XLA's next call (jaxvision ResNet-50 training 1.83 img/s against 2.83 with PASSIVE),
+sleeping ones (PASSIVE) slow torch's many small kernels (timm efficientnet_b0 inference 72 -> 50
+img/s). The script leaves OMP_WAIT_POLICY as it finds it; README and PERF.md quote both runs.
 """
 
 from __future__ import annotations
@@ -169,7 +173,7 @@ def main():
     print(f"\n# jaxvision vs timm (`python experiments/bench.py --batch {args.batch} --size {args.size} "
           f"--rounds {args.rounds}`)\n")
     print(f"Machine: {os.cpu_count()} cores ({cpu}), jax {jax.__version__}, torch {torch.__version__}, "
-          f"{args.threads} torch threads; float32, batch {args.batch}, {args.size} px. Float32 matmul "
+          f"{args.threads} torch threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}); float32, batch {args.batch}, {args.size} px. Float32 matmul "
           f"(2048^3): {jax_rate / 1e9:.0f} GFLOP/s in XLA, {torch_rate / 1e9:.0f} GFLOP/s in torch.\n")
     print("| model | params (ours = timm) | train img/s jaxvision | train img/s timm | ratio | "
           "infer img/s jaxvision | infer img/s timm | ratio | compile s | train GFLOP/img (XLA) | "
