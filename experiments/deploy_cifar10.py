@@ -18,7 +18,6 @@ import numpy as np
 
 from jaxvision.config import load
 from jaxvision.deploy import export, modes
-from jaxvision.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -18,7 +18,6 @@ import os
 import time
 
 import jax
-import numpy as np
 from PIL import Image
 from tqdm import tqdm
 

@@ -15,6 +15,8 @@ import os
 import numpy as np
 from scipy import optimize, special
 
+from jaxvision import plots
+
 SCORES = ("msp", "energy")
 FILE = "calibration.json"
 
@@ -79,9 +81,7 @@ def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
 
 def save_reliability(probs_before, probs_after, labels, path: str, title: str, bins: int = 15) -> str:
     """Reliability diagram: accuracy against confidence per bin, before and after scaling."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.4), sharey=True)
     edges = np.linspace(0, 1, bins + 1)
@@ -100,10 +100,7 @@ def save_reliability(probs_before, probs_after, labels, path: str, title: str, b
     axes[0].legend(loc="upper left")
     fig.suptitle(title)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return plots.save(fig, path)
 
 
 def calibrate(logits: np.ndarray, labels: np.ndarray, *, accept: float, score: str,

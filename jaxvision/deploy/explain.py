@@ -11,13 +11,13 @@ The gradient with respect to that output is taken by adding a zero perturbation 
 
 from __future__ import annotations
 
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxvision import plots
 from jaxvision.errors import UserError
 
 
@@ -82,9 +82,7 @@ def gradcam(model, variables, images, index: int, classes=None):
 
 def save_overlay(image: np.ndarray, heatmap: np.ndarray, path: str, title: str) -> str:
     """The image (uint8 HWC), the heatmap over it (jet, half transparent), side by side."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(6, 3.3))
     for ax in axes:
@@ -93,7 +91,4 @@ def save_overlay(image: np.ndarray, heatmap: np.ndarray, path: str, title: str) 
     axes[1].imshow(heatmap, cmap="jet", alpha=0.5, vmin=0, vmax=1, interpolation="bilinear")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return plots.save(fig, path)

@@ -19,7 +19,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxvision.errors import UserError
 from jaxvision.train import step as step_lib
@@ -83,7 +82,3 @@ def check_format(fmt: str) -> None:
                           "(config.export.format=stablehlo) and convert it, or follow issue 9")
     if fmt not in FORMATS:
         raise ExportError(f"config.export.format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-
-
-def reference_logits(serve, images: np.ndarray) -> np.ndarray:
-    return np.asarray(jax.jit(serve)(images))

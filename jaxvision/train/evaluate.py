@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from jaxvision import plots
 from jaxvision.data import pipeline
 from jaxvision.parallel import mesh as mesh_lib
 
@@ -50,9 +50,7 @@ def balanced_accuracy(confusion: np.ndarray) -> float:
 
 def save_confusion(confusion: np.ndarray, class_names, path: str, title: str = "") -> str:
     """Row-normalised confusion matrix as a PNG (class names on the axes up to 40 classes)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
 
     c = len(class_names)
     rows = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
@@ -73,10 +71,7 @@ def save_confusion(confusion: np.ndarray, class_names, path: str, title: str = "
                                 color="white" if rows[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return plots.save(fig, path)
 
 
 def collect_logits(logits_fn, variables, source, transform, mesh, batch_size: int, threads: int = 4,

@@ -27,6 +27,7 @@ from jaxvision.train import evaluate as eval_lib, optim, state as state_lib, ste
 from jaxvision.train.writer import MetricWriter, table
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+CLASSES_FILE = "classes.json"  # class names in the workdir, for modes that run without the data
 
 
 @dataclasses.dataclass
@@ -233,8 +234,8 @@ def train(config, workdir: str) -> dict:
     init, shapes, shardings = s.abstract_state(tx)
     ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
     start = ckpts.latest_step() or 0
-    if jax.process_index() == 0:  # for predict and export, which may run without the dataset
-        with open(os.path.join(workdir, "classes.json"), "w") as f:
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, CLASSES_FILE), "w") as f:
             json.dump(list(s.train_source.class_names), f)
     if start:
         state, _ = ckpts.restore(start, shapes, shardings, _identity(s))
