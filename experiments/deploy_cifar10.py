@@ -1,11 +1,12 @@
-"""Calibration, OOD rejection and the StableHLO export on a trained CIFAR-10 model.
+"""Calibration, OOD rejection and the StableHLO and ONNX exports on a trained CIFAR-10 model.
 
     python experiments/deploy_cifar10.py /tmp/cifar10/train /tmp/jv_cifar
 
 WORKDIR is a finished `configs/cifar10_resnet.py` run (README recipe). Runs `--mode calibrate`
-against the bundled digits as the out-of-distribution set, `--mode export`, then feeds every raw
-32 px validation JPEG to the exported artifact (loaded with jax alone) and compares its logits
-and accuracy with the in-process model on the training pipeline's evaluation transform.
+against the bundled digits as the out-of-distribution set, `--mode export` in both formats, then
+feeds every raw 32 px validation JPEG to each artifact (StableHLO loaded with jax alone, ONNX run
+by onnxruntime) and compares its logits and accuracy with the in-process model on the training
+pipeline's evaluation transform.
 """
 
 from __future__ import annotations
@@ -32,26 +33,29 @@ def main():
     config.model.kwargs.width = args.width
     config.calibrate.ood_dataset = "digits"
     cal = modes.calibrate(config, args.workdir)
-    path = modes.export(config, args.workdir)
-
     s, variables, shardings, _, _ = modes._trained(config, args.workdir, evaluate=True)
     logits, labels = modes._split_logits(s, modes._logits_fn(s, shardings), variables, s.eval_source,
                                          "in-process logits")
-    serve = export.load(path)
     raw = np.stack([s.eval_source[i]["image"] for i in range(len(s.eval_source))])
-    exported = np.concatenate([np.asarray(serve(raw[i:i + 500])) for i in range(0, len(raw), 500)])
-    rel = np.max(np.abs(exported - logits)) / np.max(np.abs(logits))
+    rows = [("validation top-1 (in-process model)", f"{np.mean(logits.argmax(1) == labels):.2%}")]
+    for fmt, runtime in (("stablehlo", "jax.export"), ("onnx", "onnxruntime")):
+        config.export.format = fmt
+        path = modes.export(config, args.workdir)
+        serve = export.load(path)
+        exported = np.concatenate([np.asarray(serve(raw[i:i + 500])) for i in range(0, len(raw), 500)])
+        rel = np.max(np.abs(exported - logits)) / np.max(np.abs(logits))
+        rows += [
+            (f"validation top-1 ({fmt} in {runtime}, raw uint8 JPEG pixels in)", f"{np.mean(exported.argmax(1) == labels):.2%}"),
+            (f"{fmt} vs in-process: max abs logit difference / max abs logit", f"{rel:.1e}"),
+            (f"{fmt} vs in-process: same top-1 class", f"{np.mean(exported.argmax(1) == logits.argmax(1)):.2%}"),
+            (f"{fmt} artifact size", f"{os.path.getsize(path) / 2 ** 20:.1f} MiB"),
+        ]
     print(f"\n# Deployment of the CIFAR-10 recipe (`python experiments/deploy_cifar10.py {args.folder} "
           f"{args.workdir} --width {args.width}`)\n")
     print(f"ResNet-18 (width {args.width}) from `configs/cifar10_resnet.py`, {len(labels)} validation images "
           f"(held out by file path), jax {jax.__version__}.\n")
     print("| measurement | value |\n|---|---:|")
-    rows = [
-        ("validation top-1 (in-process model)", f"{np.mean(logits.argmax(1) == labels):.2%}"),
-        ("validation top-1 (exported StableHLO, raw uint8 JPEG pixels in)", f"{np.mean(exported.argmax(1) == labels):.2%}"),
-        ("exported vs in-process: max abs logit difference / max abs logit", f"{rel:.1e}"),
-        ("exported vs in-process: same top-1 class", f"{np.mean(exported.argmax(1) == logits.argmax(1)):.2%}"),
-        ("exported artifact size", f"{os.path.getsize(path) / 2 ** 20:.1f} MiB"),
+    rows += [
         ("fitted temperature", f"{cal['temperature']:.3f}"),
         ("ECE (15 bins) before -> after temperature scaling", f"{cal['ece_before']:.2%} -> {cal['ece_after']:.2%}"),
         ("NLL before -> after", f"{cal['nll_before']:.4f} -> {cal['nll_after']:.4f}"),

@@ -114,6 +114,10 @@ def base() -> ml_collections.ConfigDict:
     c.export = ml_collections.ConfigDict()  # --mode export
     c.export.format = "stablehlo"
     c.export.input_size = 0  # raw image side the artifact takes; 0: the eval resize size
+    c.export.quantize = ""  # "": float weights; int8: the --mode quantize model
+    c.quantize = ml_collections.ConfigDict()  # --mode quantize (post-training, on the eval split)
+    c.quantize.qtype = "int8"
+    c.quantize.tolerance = 1.0  # top-1 points int8 may lose before a warning
     return c
 
 

@@ -3,8 +3,9 @@
 Modes: ``train`` (default; resumes if DIR has checkpoints), ``eval`` (best or latest checkpoint
 on `config.data.eval_dataset` / `eval_split`), ``plan`` (parameter sharding table and the cost of
 one compiled step), ``predict`` (top-k for `config.predict.inputs`), ``calibrate`` (temperature
-and OOD threshold on the eval split), ``export`` (StableHLO with preprocessing inside),
-``explain`` (Grad-CAM overlays for `config.predict.inputs`). Any config field can be
+and OOD threshold on the eval split), ``quantize`` (int8 against float32 on the eval split),
+``export`` (StableHLO or ONNX with preprocessing inside), ``explain`` (Grad-CAM or attention
+rollout overlays for `config.predict.inputs`). Any config field can be
 overridden: ``--config.optim.lr=0.05``.
 """
 
@@ -23,7 +24,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file: configs/
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and summaries.")
 _MODE = flags.DEFINE_enum("mode", "train",
-                          ["train", "eval", "plan", "predict", "calibrate", "export", "explain"], "What to do.")
+                          ["train", "eval", "plan", "predict", "calibrate", "quantize", "export", "explain"], "What to do.")
 
 def main(argv):
     if len(argv) > 1:
@@ -44,7 +45,7 @@ def main(argv):
             print(loop.plan(config))
         elif _MODE.value == "eval":
             loop.evaluate(config, _WORKDIR.value)
-        elif _MODE.value in ("predict", "calibrate", "export", "explain"):
+        elif _MODE.value in ("predict", "calibrate", "quantize", "export", "explain"):
             from jaxvision.deploy import modes
             getattr(modes, _MODE.value)(config, _WORKDIR.value)
         else:

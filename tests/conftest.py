@@ -1,12 +1,25 @@
 """Test session setup: 8 virtual CPU devices for sharding tests (must be set before JAX starts),
-and absl flags marked parsed so grain and absl-using code run under pytest."""
+absl flags marked parsed so grain and absl-using code run under pytest, and one persistent
+compilation cache for the session and the command-line runs it spawns (many tests compile the
+same tiny train step; sharing it cut tests/test_engine.py from 200 s to 152 s)."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxvision-tests-xla-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if "_CACHE" in globals():
+        shutil.rmtree(_CACHE, ignore_errors=True)

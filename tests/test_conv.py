@@ -1,5 +1,6 @@
 """The CPU lowering of pointwise and depthwise convolutions equals `lax.conv_general_dilated`,
-values and gradients, for every stride/padding/size combination the zoo uses."""
+values and gradients, for every stride/padding/size combination the zoo uses; the shifted-view
+pools equal flax's; `lax_only()` turns the lowering off."""
 
 import jax
 import jax.numpy as jnp
@@ -50,3 +51,26 @@ def test_pointwise_and_depthwise_are_rewritten_on_cpu_and_others_are_not():
     assert "convolution" not in hlo(1, 1) and "dot_general" in hlo(1, 1)
     assert "convolution" not in hlo(3, 4)
     assert "convolution" in hlo(3, 1) and "convolution" in hlo(3, 2)
+    with conv.lax_only():
+        assert "convolution" in hlo(1, 1) and "convolution" in hlo(3, 4)
+    assert "convolution" not in hlo(1, 1)
+
+
+@pytest.mark.parametrize("window,stride,padding", [
+    ((3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet stem
+    ((3, 3), (2, 2), ((0, 0), (0, 0))),  # Inception reductions
+    ((3, 3), (1, 1), ((1, 1), (1, 1))),  # Inception branch pool
+    ((2, 2), (2, 2), ((0, 1), (0, 1))),  # ResNet-D ceil-mode shortcut
+])
+def test_pools_match_flax(window, stride, padding):
+    import flax.linen as nn
+
+    from jaxvision.models import layers
+
+    x = jax.random.normal(jax.random.key(0), (2, 9, 7, 3))
+    np.testing.assert_array_equal(layers.max_pool(x, window, stride, padding),
+                                  nn.max_pool(x, window, strides=stride, padding=padding))
+    for include in (True, False):
+        np.testing.assert_allclose(layers.avg_pool(x, window, stride, padding, count_include_pad=include),
+                                   nn.avg_pool(x, window, strides=stride, padding=padding,
+                                               count_include_pad=include), atol=1e-6)

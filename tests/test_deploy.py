@@ -116,17 +116,20 @@ def test_predict_table_csv_and_unreadable_file(trained, cifar_subset, tmp_path):
     assert "cat.jpg" in out.stdout and "1 unreadable" in out.stdout
 
 
-def test_stablehlo_export_reproduces_the_model_on_real_images(trained, cifar_subset):
+@pytest.mark.parametrize("fmt", ["stablehlo", "onnx"])
+def test_export_reproduces_the_model_on_real_images(fmt, trained, cifar_subset):
+    """StableHLO through jax, ONNX through onnxruntime: raw JPEG pixels in, the model's logits out."""
     import jax
 
     from jaxvision.deploy import modes
     from jaxvision.train import loop, step as step_lib
 
     workdir, overrides = trained
-    cli("--config", "configs/default.py", "--workdir", workdir, "--mode", "export", *flags(overrides))
+    cli("--config", "configs/default.py", "--workdir", workdir, "--mode", "export",
+        *flags({**overrides, "export.format": fmt}))
     meta = json.load(open(os.path.join(workdir, "export", "model.json")))
-    assert meta["input"] == [None, 32, 32, 3] and len(meta["class_names"]) == 10
-    serve = export.load(os.path.join(workdir, "export", "model.stablehlo"))
+    assert meta["input"] == [None, 32, 32, 3] and len(meta["class_names"]) == 10 and meta["format"] == fmt
+    serve = export.load(os.path.join(workdir, "export", f"model.{fmt}"))
 
     config = configure(load_config("default"), overrides)
     s, variables, _, _, _ = modes._trained(config, workdir, evaluate=True)
@@ -161,8 +164,8 @@ def test_bad_input_gets_a_clear_error(trained, cifar_subset, tmp_path):
     base = ["--config", "configs/default.py", "--workdir", workdir]
     empty = cli(*base, "--mode", "predict", *flags({**overrides, "predict.inputs": str(tmp_path)}), check=False)
     assert empty.returncode == 2 and "no images" in empty.stderr
-    onnx = cli(*base, "--mode", "export", *flags({**overrides, "export.format": "onnx"}), check=False)
-    assert onnx.returncode == 2 and "stablehlo" in onnx.stderr
+    unknown = cli(*base, "--mode", "export", *flags({**overrides, "export.format": "tflite"}), check=False)
+    assert unknown.returncode == 2 and "stablehlo, onnx" in unknown.stderr
     other = cli(*base, "--mode", "export", *flags({**overrides, "model.kwargs.width": 16}), check=False)
     assert other.returncode == 2 and "error:" in other.stderr
     nothing = cli("--config", "configs/default.py", "--workdir", str(tmp_path / "none"), "--mode", "predict",
@@ -224,4 +227,105 @@ def test_explain_mode_writes_overlays(trained, cifar_subset, tmp_path):
     out = cli("--config", "configs/default.py", "--workdir", workdir, "--mode", "explain",
               *flags({**overrides, "predict.inputs": str(tmp_path)}))
     assert os.path.getsize(os.path.join(workdir, "explain", "cat.png")) > 5_000
-    assert "wrote 1 Grad-CAM overlays" in out.stdout
+    assert "wrote 1 heatmap overlays" in out.stdout and "Grad-CAM on layer4" in out.stdout
+
+
+def _tiny_vit():
+    import flax.linen as nn
+    import jax
+
+    from jaxvision import models
+
+    model = models.create("vit_tiny_patch16_224", num_classes=3, img_size=32, patch_size=8, depth=2)
+    x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+    return model, nn.meta.unbox(model.init(jax.random.key(1), x)), x
+
+
+def test_attention_maps_are_the_vits_own_attention():
+    """Recomputed from the intercepted qkv, the probabilities must reproduce each block's attention
+    output (probabilities @ values, then the output projection) as the fused kernel computed it."""
+    import jax.numpy as jnp
+
+    from jaxvision.deploy import explain
+
+    model, variables, x = _tiny_vit()
+    maps, logits = explain.attention_maps(model, variables, x)
+    _, inter = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+    assert len(maps) == 2 and maps[0].shape == (2, 3, 17, 17)  # 3 heads, class token + 16 patches
+    np.testing.assert_allclose(np.sum(maps[1], -1), 1.0, atol=1e-5)
+    for i, probs in enumerate(maps):
+        attn = inter["intermediates"]["blocks"][str(i)]["attn"]
+        qkv = attn["qkv"]["__call__"][0]
+        proj = variables["params"]["blocks"][str(i)]["attn"]["proj"]
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, qkv[:, :, 2])
+        out = jnp.einsum("bqhd,hde->bqe", out, proj["kernel"]) + proj["bias"]
+        np.testing.assert_allclose(out, attn["__call__"][0], atol=1e-5)
+    heat, cls, _ = explain.attention_rollout(model, variables, x)
+    assert heat.shape == (2, 32, 32) and np.all((heat >= 0) & (heat <= 1)) and np.max(heat) == pytest.approx(1)
+    np.testing.assert_array_equal(cls, np.argmax(logits, -1))
+
+
+def test_rollout_follows_attention_to_the_attended_patch():
+    from jaxvision.deploy import explain
+
+    n = 1 + 4  # class token + a 2x2 grid
+    uniform = np.full((1, 2, n, n), 1 / n)
+    np.testing.assert_allclose(explain.rollout([uniform, uniform], 1, (2, 2)), np.ones((1, 2, 2)), atol=1e-6)
+    to_patch = np.zeros((1, 1, n, n))
+    to_patch[..., 1 + 2] = 1.0  # every token attends to patch (1, 0)
+    heat = np.asarray(explain.rollout([to_patch, uniform], 1, (2, 2)))[0]
+    assert heat[1, 0] == pytest.approx(1) and np.all(np.delete(heat.ravel(), 2) < 1)
+
+
+def test_int8_quantization_and_its_export(trained, cifar_subset):
+    """`--mode quantize` measures float32 and int8 on the validation split; the int8 export keeps
+    int8 weights (a smaller artifact) and reproduces the in-process int8 model."""
+    import jax
+
+    from jaxvision.deploy import modes
+
+    workdir, overrides = trained
+    cli("--config", "configs/default.py", "--workdir", workdir, "--mode", "quantize", *flags(overrides))
+    result = json.load(open(os.path.join(workdir, "quantize.json")))
+    from jaxvision.data.sources import FolderSource
+
+    assert result["images"] == len(FolderSource(cifar_subset, "val", 0.3)) and 0 <= result["top1_int8"] <= 1
+    assert result["agreement"] >= 0.9 and 0.25 < result["size_ratio"] < 0.35
+    cli("--config", "configs/default.py", "--workdir", workdir, "--mode", "export",
+        *flags({**overrides, "export.quantize": "int8"}))
+    out = os.path.join(workdir, "export")
+    assert json.load(open(os.path.join(out, "model_int8.json")))["quantization"] == "int8"
+    float_bytes = result["weights_mib_float32"] * 2 ** 20  # what a float32 artifact carries at least
+    assert os.path.getsize(os.path.join(out, "model_int8.stablehlo")) < 0.5 * float_bytes
+
+    config = configure(load_config("default"), overrides)
+    s, variables, _, _, _ = modes._trained(config, workdir, evaluate=True)
+    apply, qvariables = modes._quantized(s, variables, "int8")
+    images = np.stack([s.eval_source[i]["image"] for i in range(5)])
+    meta = dict(size=28, crop_pct=0.875, interpolation=s.config.data.interpolation or s.card.interpolation,
+                mean=s.card.mean, std=s.card.std)
+    want = np.asarray(jax.jit(export.serving_fn(apply, qvariables, **meta))(images))
+    got = np.asarray(export.load(os.path.join(out, "model_int8.stablehlo"))(images))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.max(np.abs(want)))
+    floats = np.asarray(jax.jit(export.serving_fn(modes._float_apply(s), jax.device_get(variables), **meta))(images))
+    assert 0 < np.max(np.abs(got - floats)) < 0.1 * np.max(np.abs(floats))  # quantized, and close
+
+
+def test_missing_packages_and_bad_types_name_the_fix(monkeypatch):
+    import importlib.util
+    import sys
+
+    from jaxvision.deploy import quantize
+    from jaxvision.errors import UserError
+
+    with pytest.raises(UserError, match="int8"):
+        quantize.quantize(None, {}, (8, 8, 3), "int3")
+    monkeypatch.setitem(sys.modules, "qwix", None)
+    with pytest.raises(UserError, match=r"jaxvision\[deploy\]"):
+        quantize.quantize(None, {}, (8, 8, 3))
+    export.check_format("onnx")
+    with pytest.raises(UserError, match="export.format=stablehlo"):
+        export.check_format("onnx", "int8")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match=r"jax2onnx and onnxruntime, not installed: pip install 'jaxvision\[deploy\]'"):
+        export.check_format("onnx")

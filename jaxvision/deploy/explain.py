@@ -1,5 +1,5 @@
-"""Grad-CAM for the CNN families (`--mode explain`): where in the image the evidence for the
-predicted class lies, saved as heatmap overlays.
+"""Grad-CAM for the CNN families and attention rollout for ViT (`--mode explain`): where in the
+image the evidence for the prediction lies, saved as heatmap overlays.
 
 Grad-CAM (Selvaraju et al. 2017) weights the channels of a late feature map A by the spatial mean
 of d logit_c / dA and keeps the positive part of the weighted sum. The feature map is found without
@@ -7,6 +7,11 @@ per-family code: the last module call in the forward pass that returns a spatial
 more than one row) — ResNet's last stage, EfficientNet's head convolution, ConvNeXt's last stage.
 The gradient with respect to that output is taken by adding a zero perturbation to it through
 `nn.intercept_methods`, so the model code stays untouched.
+
+Attention rollout (Abnar & Zuidema 2020) follows attention from the class token back to the
+patches: each block's head-averaged attention, mixed half-and-half with the identity for the
+residual path and row-normalised, multiplied through the blocks. The attention matrices are
+recomputed from each block's `qkv` projection (intercepted), so the ViT keeps its fused attention.
 """
 
 from __future__ import annotations
@@ -59,8 +64,8 @@ def target_layer(model, variables, image_shape) -> tuple[int, tuple, tuple]:
     jax.eval_shape(run, variables, x)
     last_map = max((i for i, r in enumerate(ranks) if r == 4), default=-1)
     if not seen or 3 in ranks[last_map:]:  # token sequences after the last map: a ViT
-        raise UserError("this model has no spatial feature map to explain (Grad-CAM needs a CNN; "
-                        "ViT attention rollout is not available yet)")
+        raise UserError("this model has no spatial feature map for Grad-CAM; attention rollout "
+                        "explains ViT/DeiT models")
     return len(seen) - 1, seen[-1][0], seen[-1][1]
 
 
@@ -78,6 +83,45 @@ def gradcam(model, variables, images, index: int, classes=None):
     cam = cam / jnp.maximum(jnp.max(cam, axis=(1, 2), keepdims=True), 1e-12)
     cam = jax.image.resize(cam, (cam.shape[0], *images.shape[1:3]), "bilinear")
     return jnp.clip(cam, 0, 1), cls, logits
+
+
+def attention_maps(model, variables, images) -> list:
+    """Every ViT block's attention probabilities (B, heads, tokens, tokens), in block order."""
+    from jaxvision.models import vit
+
+    maps = []
+
+    def intercept(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.module.name == "qkv" and isinstance(context.module.parent, vit.Attention):
+            q, k = out[:, :, 0].astype(jnp.float32), out[:, :, 1].astype(jnp.float32)
+            maps.append(jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1]), -1))
+        return out
+
+    with nn.intercept_methods(intercept):
+        logits = model.apply(variables, images, train=False)
+    return maps, logits
+
+
+def rollout(maps, num_prefix: int, grid: tuple[int, int]):
+    """(B, gh, gw) in [0, 1]: attention flowing from the prefix (class) tokens to each patch."""
+    joint = None
+    for a in maps:
+        a = a.mean(axis=1)
+        a = 0.5 * a + 0.5 * jnp.eye(a.shape[-1])
+        a = a / a.sum(-1, keepdims=True)
+        joint = a if joint is None else a @ joint
+    heat = joint[:, :num_prefix, num_prefix:].mean(axis=1).reshape(-1, *grid)
+    return heat / jnp.maximum(jnp.max(heat, axis=(1, 2), keepdims=True), 1e-12)
+
+
+def attention_rollout(model, variables, images):
+    """(heatmaps (B, H, W) in [0, 1] at the input resolution, predicted classes, logits)."""
+    maps, logits = attention_maps(model, variables, images)
+    grid = (images.shape[1] // model.patch_size, images.shape[2] // model.patch_size)
+    heat = jax.image.resize(rollout(maps, model.num_prefix, grid), (images.shape[0], *images.shape[1:3]),
+                            "bilinear")
+    return jnp.clip(heat, 0, 1), jnp.argmax(logits, -1), logits
 
 
 def save_overlay(image: np.ndarray, heatmap: np.ndarray, path: str, title: str) -> str:

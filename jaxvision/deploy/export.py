@@ -9,21 +9,33 @@ only, not jaxvision:
 
     exported = jax.export.deserialize(open("WORKDIR/export/model.stablehlo", "rb").read())
     logits = exported.call(images_uint8)
+
+or jax2onnx writes the same graph as ONNX (input "images", output "logits", batch "B"), for
+onnxruntime and the runtimes that read ONNX:
+
+    session = onnxruntime.InferenceSession("WORKDIR/export/model.onnx")
+    logits = session.run(None, {"images": images_uint8})[0]
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import math
 import os
+import types
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxvision.errors import UserError
+from jaxvision.models import conv as conv_lib
 from jaxvision.train import step as step_lib
 
-FORMATS = ("stablehlo",)
+FORMATS = ("stablehlo", "onnx")
+EXTRA = "pip install 'jaxvision[deploy]'"
 _METHODS = {"bicubic": "cubic", "bilinear": "linear", "nearest": "nearest"}
 
 
@@ -31,25 +43,48 @@ class ExportError(UserError):
     pass
 
 
+def _resize_crop_matrix(n_in: int, n_resized: int, start: int, size: int, method: str) -> np.ndarray:
+    """(size, n_in): resizing a line of n_in pixels to n_resized (antialiased) and keeping
+    [start, start + size), as one linear map (resize is linear, so it is the resize of I)."""
+    if n_resized == n_in:
+        return np.eye(n_in, dtype=np.float32)[start:start + size]
+    if method == "nearest":  # jax.image.resize's rule: the input pixel under each output centre
+        m = np.eye(n_in, dtype=np.float32)[((np.arange(n_resized) + 0.5) * n_in / n_resized).astype(int)]
+        return m[start:start + size]
+    # What jax.image.resize computes, as a constant even while the serving function is traced
+    # (jax2onnx replaces jax.image.resize itself during conversion).
+    with jax.ensure_compile_time_eval():
+        m = jax.image.scale_and_translate(jnp.eye(n_in, dtype=jnp.float32), (n_resized, n_in), (0,),
+                                          jnp.array([n_resized / n_in]), jnp.array([0.0]),
+                                          _METHODS[method], antialias=True)
+    return np.asarray(m)[start:start + size]
+
+
 def preprocess(images, *, size: int, crop_pct: float, interpolation: str, mean, std):
-    """uint8 (B, H, W, 3) -> the normalised float32 (B, size, size, 3) the model was trained on."""
+    """uint8 (B, H, W, 3) -> the normalised float32 (B, size, size, 3) the model was trained on.
+
+    The resize and the crop are two constant matrices (rows, then columns): the same numbers as
+    `jax.image.resize`, but plain contractions that every exporter (StableHLO, ONNX) takes with a
+    symbolic batch."""
     _, h, w, _ = images.shape
     short = int(math.floor(size / crop_pct))
     nh, nw = (short, max(short, int(round(w * short / h)))) if h < w else (max(short, int(round(h * short / w))), short)
+    rows = _resize_crop_matrix(h, nh, (nh - size) // 2, size, interpolation)
+    cols = _resize_crop_matrix(w, nw, (nw - size) // 2, size, interpolation)
     x = images.astype(jnp.float32)
+    x = jnp.einsum("oh,bhwc->bowc", rows, x)
+    x = jnp.einsum("pw,bowc->bopc", cols, x)
     if (nh, nw) != (h, w):
-        x = jax.image.resize(x, (x.shape[0], nh, nw, 3), _METHODS[interpolation], antialias=True)
-        x = jnp.clip(jnp.round(x), 0, 255)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    x = x[:, top:top + size, left:left + size]
+        x = jnp.clip(jnp.round(x), 0, 255)  # the host pipeline resizes to uint8 too
     return step_lib.standardize(x / 255.0, mean, std)
 
 
-def serving_fn(model, variables, *, size: int, crop_pct: float, interpolation: str, mean, std):
-    """images uint8 -> logits float32, the variables closed over as constants."""
+def serving_fn(apply, variables, *, size: int, crop_pct: float, interpolation: str, mean, std):
+    """images uint8 -> logits float32 of `apply(variables, images)`, the variables closed over as
+    constants (int8 ones stay int8 in the artifact)."""
     def serve(images):
         x = preprocess(images, size=size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
-        return model.apply(variables, x, train=False).astype(jnp.float32)
+        return apply(variables, x).astype(jnp.float32)
     return serve
 
 
@@ -59,26 +94,53 @@ def export_stablehlo(serve, input_size: tuple[int, int]) -> bytes:
     return bytes(jax.export.export(jax.jit(serve))(spec).serialize())
 
 
-def write(out_dir: str, fmt: str, artifact: bytes, meta: dict) -> str:
+def export_onnx(serve, input_size: tuple[int, int]) -> bytes:
+    from jax2onnx import to_onnx  # installed: check_format ran first
+    spec = types.SimpleNamespace(shape=("B", *input_size, 3), dtype=np.uint8)
+    logging.getLogger("onnx_ir").setLevel(logging.ERROR)  # one warning per untyped shape constant
+    with conv_lib.lax_only():  # ONNX Conv nodes, which onnxruntime fuses and optimises
+        proto = to_onnx(serve, [spec], model_name="jaxvision", input_names=["images"], output_names=["logits"])
+    # jax2onnx (0.17) annotates the NHWC<->NCHW transposes around each Conv with wrong intermediate
+    # shapes, which onnxruntime's shape inference then rejects at the first residual Add; the
+    # annotations are optional, so they go and onnxruntime infers every shape itself.
+    del proto.graph.value_info[:]
+    return proto.SerializeToString()
+
+
+def export_artifact(fmt: str, serve, input_size: tuple[int, int]) -> bytes:
+    return (export_stablehlo if fmt == "stablehlo" else export_onnx)(serve, input_size)
+
+
+def write(out_dir: str, name: str, fmt: str, artifact: bytes, meta: dict) -> str:
+    """OUT_DIR/NAME.FMT and its metadata OUT_DIR/NAME.json."""
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"model.{fmt}")
+    path = os.path.join(out_dir, f"{name}.{fmt}")
     with open(path, "wb") as f:
         f.write(artifact)
-    with open(os.path.join(out_dir, "model.json"), "w") as f:
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return path
 
 
 def load(path: str):
-    """The exported function `images uint8 -> logits` (jax only)."""
+    """The exported function `images uint8 -> logits`: through jax for StableHLO, through
+    onnxruntime for ONNX."""
+    if path.endswith(".onnx"):
+        import onnxruntime
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        return lambda images: session.run(None, {"images": np.asarray(images, np.uint8)})[0]
     with open(path, "rb") as f:
         exported = jax.export.deserialize(bytearray(f.read()))
     return exported.call
 
 
-def check_format(fmt: str) -> None:
-    if fmt == "onnx":
-        raise ExportError("config.export.format=onnx is not available yet: export StableHLO "
-                          "(config.export.format=stablehlo) and convert it, or follow issue 9")
+def check_format(fmt: str, quantize: str = "") -> None:
+    """Before any work: a known format whose packages are installed."""
     if fmt not in FORMATS:
         raise ExportError(f"config.export.format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if quantize and fmt != "stablehlo":
+        raise ExportError(f"config.export.quantize={quantize} exports StableHLO only (jax2onnx cannot "
+                          "convert qwix's quantized layers): add --config.export.format=stablehlo")
+    missing = [m for m in ("jax2onnx", "onnxruntime") if fmt == "onnx" and importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(f"config.export.format=onnx needs {' and '.join(missing)}, not installed: {EXTRA}")

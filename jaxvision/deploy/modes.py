@@ -1,8 +1,9 @@
-"""The deployment modes of `python -m jaxvision.main`: predict, calibrate and export, each on the
-workdir's best (else latest) checkpoint or `config.init_from`."""
+"""The deployment modes of `python -m jaxvision.main`: predict, calibrate, quantize, export and
+explain, each on the workdir's best (else latest) checkpoint or `config.init_from`."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -11,7 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxvision.data import pipeline
-from jaxvision.deploy import calibration, export as export_lib, predict as predict_lib
+from jaxvision.deploy import calibration, export as export_lib, predict as predict_lib, quantize as quantize_lib
 from jaxvision.errors import UserError
 from jaxvision.parallel import mesh as mesh_lib
 from jaxvision.train import evaluate as eval_lib, loop, step as step_lib
@@ -37,10 +38,18 @@ def _trained(config, workdir: str, *, evaluate: bool = False):
     return s, variables, shardings, step, names
 
 
-def _logits_fn(s, variable_shardings):
+def _float_apply(s):
+    return lambda variables, images: s.model.apply(variables, images, train=False)
+
+
+def _logits_fn(s, variable_shardings, apply=None):
+    """jit of (variables, batch) -> (logits, label, mask); `apply(variables, images)` defaults to
+    the float model."""
+    apply = apply or _float_apply(s)
+
     def fn(variables, batch):
         images = step_lib.normalize(batch["image"], s.card.mean, s.card.std)
-        return s.model.apply(variables, images, train=False), batch["label"], batch["mask"]
+        return apply(variables, images), batch["label"], batch["mask"]
     return jax.jit(fn, in_shardings=(variable_shardings, s.batch_shardings(with_mask=True)),
                    out_shardings=mesh_lib.replicated(s.mesh))
 
@@ -78,6 +87,44 @@ def calibrate(config, workdir: str) -> dict:
         print(table([(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in result.items()],
                     header=("calibration", "")))
         print(f"wrote {os.path.join(workdir, calibration.FILE)} and {png}")
+    return result
+
+
+def _quantized(s, variables, qtype: str):
+    """(apply, variables) of the int8 model, variables on the host."""
+    qmodel, qvariables = quantize_lib.quantize(s.model, jax.device_get(variables),
+                                               (s.image_size, s.image_size, 3), qtype)
+    return (lambda v, x: quantize_lib.apply(qmodel, v, x)), qvariables
+
+
+def quantize(config, workdir: str) -> dict:
+    """Post-training int8 quantization: top-1 of float32 and int8 on the validation split, and the
+    weights' size; writes WORKDIR/quantize.json. Export the int8 model with
+    `--mode export --config.export.quantize=int8`."""
+    c = config.quantize
+    s, variables, shardings, step, _ = _trained(config, workdir, evaluate=True)
+    apply, qvariables = _quantized(s, variables, c.qtype)
+    logits, labels = _split_logits(s, _logits_fn(s, shardings), variables, s.eval_source, "float32")
+    qfn = _logits_fn(s, mesh_lib.replicated(s.mesh), apply)
+    qlogits, _ = _split_logits(s, qfn, jax.device_put(qvariables, mesh_lib.replicated(s.mesh)),
+                               s.eval_source, c.qtype)
+    top1, qtop1 = (float(np.mean(np.argmax(x, -1) == labels)) for x in (logits, qlogits))
+    size, qsize = quantize_lib.nbytes(jax.device_get(variables)), quantize_lib.nbytes(qvariables)
+    result = {"model": s.config.model.name, "step": step, "qtype": c.qtype, "images": len(labels),
+              "top1_float32": top1, f"top1_{c.qtype}": qtop1, "top1_change_points": 100 * (qtop1 - top1),
+              "agreement": float(np.mean(np.argmax(logits, -1) == np.argmax(qlogits, -1))),
+              "weights_mib_float32": size / 2 ** 20, f"weights_mib_{c.qtype}": qsize / 2 ** 20,
+              "size_ratio": qsize / size, "tolerance_points": c.tolerance,
+              "within_tolerance": bool(100 * (top1 - qtop1) <= c.tolerance)}
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "quantize.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        print(table([(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in result.items()],
+                    header=("quantization", "")))
+        print(f"wrote {os.path.join(workdir, 'quantize.json')}"
+              + ("" if result["within_tolerance"] else
+                 f"; WARNING: int8 loses more than {c.tolerance} points of top-1"))
     return result
 
 
@@ -124,16 +171,20 @@ def export(config, workdir: str) -> str:
     """Write WORKDIR/export/model.<format> with preprocessing inside, reload it, and check that it
     reproduces the in-process logits on random images of the input size."""
     fmt = config.export.format
-    export_lib.check_format(fmt)
+    export_lib.check_format(fmt, config.export.quantize)
     s, variables, _, step, names = _trained(config, workdir)
     variables = jax.device_get(variables)
+    apply = _float_apply(s)
+    if config.export.quantize:
+        apply, variables = _quantized(s, variables, config.export.quantize)
     d = s.config.data
     crop_pct, interpolation = d.crop_pct or s.card.crop_pct, d.interpolation or s.card.interpolation
     side = config.export.input_size or int(np.floor(s.image_size / crop_pct))
-    serve = export_lib.serving_fn(s.model, variables, size=s.image_size, crop_pct=crop_pct,
+    serve = export_lib.serving_fn(apply, variables, size=s.image_size, crop_pct=crop_pct,
                                   interpolation=interpolation, mean=s.card.mean, std=s.card.std)
-    artifact = export_lib.export_stablehlo(serve, (side, side))
-    meta = {"model": s.config.model.name, "step": step, "format": fmt, "input": [None, side, side, 3],
+    artifact = export_lib.export_artifact(fmt, serve, (side, side))
+    meta = {"model": s.config.model.name, "step": step, "format": fmt,
+            "quantization": config.export.quantize or None, "input": [None, side, side, 3],
             "input_dtype": "uint8", "output": "logits", "class_names": names,
             "preprocessing": {"resize_short_side": int(np.floor(s.image_size / crop_pct)),
                               "crop": s.image_size, "interpolation": interpolation,
@@ -141,26 +192,33 @@ def export(config, workdir: str) -> str:
     cal = calibration.load(workdir)
     if cal:
         meta["calibration"] = {k: cal[k] for k in ("temperature", "ood_score", "ood_threshold")}
-    path = export_lib.write(os.path.join(workdir, "export"), fmt, artifact, meta)
+    name = f"model_{config.export.quantize}" if config.export.quantize else "model"
+    path = export_lib.write(os.path.join(workdir, "export"), name, fmt, artifact, meta)
     images = np.random.default_rng(0).integers(0, 256, (3, side, side, 3), dtype=np.uint8)
     want = np.asarray(jax.jit(serve)(images))
     got = np.asarray(export_lib.load(path)(images))
     rel = float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-12))
     print(f"wrote {path} ({os.path.getsize(path) / 2 ** 20:.1f} MiB; input uint8 (batch, {side}, {side}, 3), "
-          f"{len(names)} classes) and model.json; reloaded: max |difference| / max |logit| = {rel:.1e}")
+          f"{len(names)} classes) and {name}.json; reloaded: max |difference| / max |logit| = {rel:.1e}")
     return path
 
 
 def explain(config, workdir: str) -> list[str]:
-    """Grad-CAM overlays of the predicted class for `config.predict.inputs`, in WORKDIR/explain."""
+    """Heatmap overlays of the predicted class for `config.predict.inputs`, in WORKDIR/explain:
+    attention rollout for ViT/DeiT, Grad-CAM for the other families."""
     from jaxvision.deploy import explain as explain_lib
+    from jaxvision.models import vit
 
     paths = predict_lib.list_inputs(config.predict.inputs)
     s, variables, _, _, names = _trained(config, workdir)
     variables = jax.device_get(variables)
-    index, path, shape = explain_lib.target_layer(s.model, variables, (s.image_size, s.image_size, 3))
-    fn = jax.jit(lambda v, x: explain_lib.gradcam(
-        s.model, v, step_lib.normalize(x, s.card.mean, s.card.std), index))
+    if isinstance(s.model, vit.VisionTransformer):
+        method, heatmap = "attention rollout", explain_lib.attention_rollout
+    else:
+        index, path, shape = explain_lib.target_layer(s.model, variables, (s.image_size, s.image_size, 3))
+        method = f"Grad-CAM on {'/'.join(path)} {tuple(shape[1:])}"
+        heatmap = functools.partial(explain_lib.gradcam, index=index)
+    fn = jax.jit(lambda v, x: heatmap(s.model, v, step_lib.normalize(x, s.card.mean, s.card.std)))
     transform = loop.eval_transform(s)
     out_dir = os.path.join(workdir, "explain")
     written = []
@@ -170,11 +228,11 @@ def explain(config, workdir: str) -> list[str]:
             print(f"skipped unreadable image {p}")
             continue
         x = transform({"image": image, "label": 0})["image"]
-        cam, cls, logits = jax.device_get(fn(variables, x[None]))
+        heat, cls, logits = jax.device_get(fn(variables, x[None]))
         prob = float(np.max(np.asarray(jax.nn.softmax(logits[0]))))
         name = os.path.splitext(os.path.basename(p))[0]
         written.append(explain_lib.save_overlay(
-            x, cam[0], os.path.join(out_dir, f"{name}.png"),
-            f"{os.path.basename(p)}: {names[int(cls[0])]} ({prob:.2f}); Grad-CAM on {'/'.join(path)} {tuple(shape[1:])}"))
-    print(f"wrote {len(written)} Grad-CAM overlays to {out_dir} (layer {'/'.join(path)})")
+            x, heat[0], os.path.join(out_dir, f"{name}.png"),
+            f"{os.path.basename(p)}: {names[int(cls[0])]} ({prob:.2f}); {method}"))
+    print(f"wrote {len(written)} heatmap overlays to {out_dir} ({method})")
     return written

@@ -8,16 +8,31 @@ slow for two shapes that dominate modern CNNs (measured in experiments/PERF.md):
     which XLA fuses into a single elementwise loop (and whose gradient is elementwise too).
 On CPU these two cases are rewritten so; everything else, and every case on GPU and TPU (where
 XLA's own convolution emitters are already good), goes to `lax.conv_general_dilated`.
-The rewrite is exact up to float summation order.
+The rewrite is exact up to float summation order. `lax_only()` turns it off for code that must
+see every convolution as `lax.conv_general_dilated` on its kernel (qwix's int8 quantization).
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 NHWC = ("NHWC", "HWIO", "NHWC")
+_LOWER = contextvars.ContextVar("jaxvision_conv_lowering", default=True)
+
+
+@contextlib.contextmanager
+def lax_only():
+    """While tracing inside this context, every convolution is `lax.conv_general_dilated`."""
+    token = _LOWER.set(False)
+    try:
+        yield
+    finally:
+        _LOWER.reset(token)
 
 
 def _explicit_padding(padding, spatial, kernel, strides):
@@ -26,9 +41,10 @@ def _explicit_padding(padding, spatial, kernel, strides):
     return [tuple(p) for p in padding]
 
 
-def _windows(x, kernel, strides, pads):
-    """Yields (i, j, view): the input seen by kernel tap (i, j), for every output position."""
-    x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+def windows(x, kernel, strides, pads, fill=0.0):
+    """Yields (i, j, view): the NHWC input (padded with `fill`) seen by kernel tap (i, j), for
+    every output position."""
+    x = jnp.pad(x, ((0, 0), *[tuple(p) for p in pads], (0, 0)), constant_values=fill)
     (sh, sw), (kh, kw) = strides, kernel
     out_h = (x.shape[1] - kh) // sh + 1
     out_w = (x.shape[2] - kw) // sw + 1
@@ -39,14 +55,14 @@ def _windows(x, kernel, strides, pads):
 
 def pointwise(x, kernel, strides, pads, precision=None):
     """1x1 convolution as a matrix multiply over the channel axis."""
-    (view,) = [v for _, _, v in _windows(x, (1, 1), strides, pads)]
+    (view,) = [v for _, _, v in windows(x, (1, 1), strides, pads)]
     return lax.dot_general(view, kernel[0, 0], (((3,), (0,)), ((), ())), precision=precision)
 
 
 def depthwise(x, kernel, strides, pads):
     """Depthwise convolution (kernel (kh, kw, 1, C)) as kh*kw shifted multiply-adds."""
     out = None
-    for i, j, view in _windows(x, kernel.shape[:2], strides, pads):
+    for i, j, view in windows(x, kernel.shape[:2], strides, pads):
         term = view * kernel[i, j, 0]
         out = term if out is None else out + term
     return out
@@ -57,7 +73,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     """Drop-in for `lax.conv_general_dilated` (as `nn.Conv(conv_general_dilated=...)`)."""
     nhwc = (lhs.ndim == 4 and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
             == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC))
-    plain = (jax.default_backend() == "cpu" and nhwc
+    plain = (_LOWER.get() and jax.default_backend() == "cpu" and nhwc
              and all(d == 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1))) and not kw)
     if plain:
         kernel = rhs.shape[:2]

@@ -33,11 +33,11 @@ class ConvBN(layers.ZooModule, kw_only=True):
 
 def _avg3(x):
     """PyTorch avg_pool2d(3, stride 1, padding 1), padding counted."""
-    return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=True)
+    return layers.avg_pool(x, (3, 3), (1, 1), ((1, 1), (1, 1)))
 
 
 def _max3s2(x):
-    return nn.max_pool(x, (3, 3), strides=(2, 2))
+    return layers.max_pool(x, (3, 3), (2, 2))
 
 
 class InceptionModule(layers.ZooModule, kw_only=True):

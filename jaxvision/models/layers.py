@@ -15,8 +15,11 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Sequence
 
+import math
+
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from jaxvision.models import conv as conv_lib
 
@@ -31,6 +34,26 @@ ACTIVATIONS: dict[str, Callable] = {
     "sigmoid": nn.sigmoid,
     "gelu": functools.partial(nn.gelu, approximate=False),
 }
+
+def max_pool(x, window: tuple[int, int], stride: tuple[int, int], padding=((0, 0), (0, 0))):
+    """NHWC max pooling with explicit (PyTorch) padding, as the maximum of the k*k shifted strided
+    views: plain slices that every exporter translates exactly and XLA fuses into one loop
+    (jax2onnx 0.17 drops explicit padding from `nn.max_pool`, and lowers `lax.reduce_window`
+    on NHWC to a pooling rank onnxruntime rejects)."""
+    views = [v for _, _, v in conv_lib.windows(x, window, stride, padding, fill=-jnp.inf)]
+    return functools.reduce(jnp.maximum, views)
+
+
+def avg_pool(x, window: tuple[int, int], stride: tuple[int, int], padding=((0, 0), (0, 0)),
+             count_include_pad: bool = True):
+    """NHWC average pooling with explicit padding, as a sum of shifted views; see `max_pool`."""
+    total = sum(v for _, _, v in conv_lib.windows(x, window, stride, padding))
+    if count_include_pad:
+        return total / math.prod(window)
+    ones = np.ones((1, *x.shape[1:3], 1), np.float32)
+    count = sum(v for _, _, v in conv_lib.windows(ones, window, stride, padding))
+    return total / count.astype(x.dtype)
+
 
 # Variance-preserving init for ReLU-family networks, fan-out as in the timm/TF references.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")

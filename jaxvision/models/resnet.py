@@ -24,7 +24,7 @@ STEMS = ("7x7", "3x3", "deep")
 def avg_pool_ceil(x, stride: int):
     """PyTorch's AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)."""
     pads = [(0, (-size) % stride) for size in x.shape[1:3]]
-    return nn.avg_pool(x, (2, 2), strides=(stride, stride), padding=pads, count_include_pad=False)
+    return layers.avg_pool(x, (2, 2), (stride, stride), pads, count_include_pad=False)
 
 
 class Downsample(layers.ZooModule, kw_only=True):
@@ -149,7 +149,7 @@ class ResNet(layers.ZooModule, kw_only=True):
         x = nn.relu(self.batch_norm(train, name="bn1")(x))
         features = [x]
         if self.stem != "3x3":
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = layers.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
         block = {"basic": BasicBlock, "bottleneck": Bottleneck}[self.block]
         total, index, in_ch = sum(self.depths), 0, self.width
         for stage, depth in enumerate(self.depths):

@@ -39,7 +39,7 @@ class Features(layers.ZooModule, kw_only=True):
         for v in self.cfg:
             if v == "M":
                 taps.append(x)
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = layers.max_pool(x, (2, 2), (2, 2))
                 index += 1
                 continue
             x = self.conv(v, 3, bias=True, name=str(index))(x)
