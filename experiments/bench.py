@@ -1,6 +1,6 @@
 """jaxvision against timm on this machine, in the same run, alternating.
 
-    python experiments/bench.py [--models resnet50 ...] [--batch 16] [--size 224] [--rounds 3]
+    python experiments/bench.py [--models resnet50 ...] [--batch 16] [--size 224] [--rounds 3] [--isolate]
 
 For each model: training images/s (forward, backward, SGD-momentum update; jaxvision's own jitted
 train step with donated state) and inference images/s, each the median over `rounds` alternating
@@ -13,13 +13,19 @@ they disturb each other through torch's OpenMP wait policy: spinning threads (AC
 cores from XLA's next call (jaxvision ResNet-50 training 1.83 img/s against 2.83 with PASSIVE),
 sleeping ones (PASSIVE) slow torch's many small kernels (timm efficientnet_b0 inference 72 -> 50
 img/s). The script leaves OMP_WAIT_POLICY as it finds it; README and PERF.md quote both runs.
+`--isolate` removes the interference instead: each framework runs in its own worker process, the
+parent hands the turn from one to the other with a pause (`--pause`, 1 s) for torch's OpenMP
+threads to go to sleep, and no framework ever runs while the other holds the cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -39,18 +45,18 @@ def timed(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def matmul_rate(n: int = 2048, repeats: int = 10):
-    import torch
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    jax_s = min(timed(lambda: f(a).block_until_ready(), 1) for _ in range(repeats))
-    t = torch.randn(n, n)
-    torch.mm(t, t)
-    torch_s = min(timed(lambda: torch.mm(t, t), 1) for _ in range(repeats))
-    flops = 2 * n ** 3
-    return flops / jax_s, flops / torch_s
+def matmul_rate(framework: str, n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of the best of `repeats` float32 n x n matrix products."""
+    if framework == "jax":
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        f = jax.jit(lambda x: x @ x)
+        run = lambda: f(a).block_until_ready()  # noqa: E731
+    else:
+        import torch
+        t = torch.randn(n, n)
+        run = lambda: torch.mm(t, t)  # noqa: E731
+    run()
+    return 2 * n ** 3 / min(timed(run, 1) for _ in range(repeats))
 
 
 class JaxBench:
@@ -118,13 +124,113 @@ class TorchBench:
 
 def jax_only(args) -> None:
     """jaxvision alone, medians over `rounds`, one JSON line per model."""
-    import json
     for name in args.models:
         ours = JaxBench(name, args.batch, args.size, args.dtype)
         train = statistics.median(timed(ours.train, args.train_steps) for _ in range(args.rounds))
         infer = statistics.median(timed(ours.inference, args.infer_steps) for _ in range(args.rounds))
         print(json.dumps({"model": name, "train": args.batch / train, "infer": args.batch / infer,
                           "compile": ours.compile_seconds}), flush=True)
+
+
+def describe(bench) -> dict:
+    """Parameters, and for jaxvision compile seconds, XLA's train-step FLOPs and memory."""
+    return {"params": bench.params, "compile": getattr(bench, "compile_seconds", 0.0),
+            "flops": getattr(bench, "train_flops", 0.0), "memory": getattr(bench, "memory_bytes", 0)}
+
+
+class Worker:
+    """One framework in its own process (`--worker jax|torch`), driven line by line over pipes;
+    replies are the stdout lines that start with REPLY."""
+
+    REPLY = "@@bench "
+
+    def __init__(self, framework: str, args):
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--batch", str(args.batch),
+               "--size", str(args.size), "--threads", str(args.threads)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def ask(self, *command) -> dict:
+        self.proc.stdin.write(" ".join(map(str, command)) + "\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith(self.REPLY):
+                return json.loads(line[len(self.REPLY):])
+        raise RuntimeError(f"bench worker exited ({self.proc.wait()}) on {command}")
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def serve_worker(args) -> None:
+    """The worker side of `Worker`: setup NAME | train N | infer N | matmul."""
+    if args.worker == "torch":
+        import torch
+        torch.set_num_threads(args.threads)
+    bench = None
+    for line in sys.stdin:
+        command, *rest = line.split()
+        if command == "setup":
+            bench = (JaxBench if args.worker == "jax" else TorchBench)(rest[0], args.batch, args.size)
+            reply = describe(bench)
+        elif command == "matmul":
+            reply = {"rate": matmul_rate(args.worker)}
+        else:
+            reply = {"seconds": timed(bench.train if command == "train" else bench.inference, int(rest[0]))}
+        print(Worker.REPLY + json.dumps(reply), flush=True)
+
+
+def isolated_rows(args):
+    """(matmul rates, rows) with each framework in its own process, taking turns."""
+    workers = {"j": Worker("jax", args), "t": Worker("torch", args)}
+
+    def turn(key, *command):
+        time.sleep(args.pause)  # the other framework's threads stop spinning
+        return workers[key].ask(*command)
+
+    rates = (turn("j", "matmul")["rate"], turn("t", "matmul")["rate"])
+    rows = []
+    for name in args.models:
+        ours, ref = turn("j", "setup", name), turn("t", "setup", name)
+        times = {k: [] for k in ("jt", "tt", "ji", "ti")}
+        for r in range(args.rounds):
+            order = ("j", "t") if r % 2 == 0 else ("t", "j")
+            for what, steps in (("t", args.train_steps), ("i", args.infer_steps)):
+                for key in order:
+                    times[key + what].append(turn(key, "train" if what == "t" else "infer", steps)["seconds"])
+        rows.append(row(name, args, ours, ref, times, rates[0]))
+    for w in workers.values():
+        w.close()
+    return rates, rows
+
+
+def shared_rows(args):
+    """(matmul rates, rows) with both frameworks in this process, alternating."""
+    import torch
+    torch.set_num_threads(args.threads)
+    rates = (matmul_rate("jax"), matmul_rate("torch"))
+    rows = []
+    for name in args.models:
+        ours, ref = JaxBench(name, args.batch, args.size), TorchBench(name, args.batch, args.size)
+        times = {k: [] for k in ("jt", "tt", "ji", "ti")}
+        for r in range(args.rounds):
+            pairs = [(ours, ref), (ref, ours)][r % 2]  # alternate who goes first
+            for b in pairs:
+                times[("j" if b is ours else "t") + "t"].append(timed(b.train, args.train_steps))
+            for b in pairs:
+                times[("j" if b is ours else "t") + "i"].append(timed(b.inference, args.infer_steps))
+        rows.append(row(name, args, describe(ours), describe(ref), times, rates[0]))
+        del ours, ref
+    return rates, rows
+
+
+def row(name, args, ours: dict, ref: dict, times: dict, jax_rate: float) -> tuple:
+    med = {k: statistics.median(v) for k, v in times.items()}
+    jt, tt = args.batch / med["jt"], args.batch / med["tt"]
+    ji, ti = args.batch / med["ji"], args.batch / med["ti"]
+    print(f"{name}: train {jt:.2f} vs {tt:.2f} img/s, inference {ji:.2f} vs {ti:.2f} img/s", flush=True)
+    return (name, ours["params"], ref["params"], jt, tt, ji, ti, ours["compile"], ours["flops"] / args.batch / 1e9,
+            ours["memory"] / 2 ** 20, ours["flops"] / med["jt"] / jax_rate)
 
 
 def main():
@@ -140,40 +246,24 @@ def main():
     parser.add_argument("--dtype", default="float32", help="jaxvision compute dtype (with --jax-only)")
     parser.add_argument("--jax-only", action="store_true",
                         help="no timm: print one JSON line per model (for experiments/xla_flags.py)")
+    parser.add_argument("--isolate", action="store_true",
+                        help="each framework in its own process, taking turns (no OpenMP interference)")
+    parser.add_argument("--pause", type=float, default=1.0, help="seconds between turns with --isolate")
+    parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        return serve_worker(args)
     if args.jax_only:
         return jax_only(args)
-
+    (jax_rate, torch_rate), rows = (isolated_rows if args.isolate else shared_rows)(args)
     import torch
-    torch.set_num_threads(args.threads)
-    jax_rate, torch_rate = matmul_rate()
-    rows = []
-    for name in args.models:
-        ours, ref = JaxBench(name, args.batch, args.size), TorchBench(name, args.batch, args.size)
-        times = {k: [] for k in ("jt", "tt", "ji", "ti")}
-        for r in range(args.rounds):
-            pairs = [(ours, ref), (ref, ours)][r % 2]  # alternate who goes first
-            for b in pairs:
-                key = "j" if b is ours else "t"
-                times[key + "t"].append(timed(b.train, args.train_steps))
-            for b in pairs:
-                key = "j" if b is ours else "t"
-                times[key + "i"].append(timed(b.inference, args.infer_steps))
-        med = {k: statistics.median(v) for k, v in times.items()}
-        jt, tt = args.batch / med["jt"], args.batch / med["tt"]
-        ji, ti = args.batch / med["ji"], args.batch / med["ti"]
-        achieved = ours.train_flops / med["jt"]
-        rows.append((name, ours.params, ref.params, jt, tt, ji, ti, ours.compile_seconds,
-                     ours.train_flops / args.batch / 1e9, ours.memory_bytes / 2 ** 20,
-                     achieved / jax_rate))
-        print(f"{name}: train {jt:.2f} vs {tt:.2f} img/s, inference {ji:.2f} vs {ti:.2f} img/s", flush=True)
-        del ours, ref
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    how = "--isolate" if args.isolate else "one process"
     print(f"\n# jaxvision vs timm (`python experiments/bench.py --batch {args.batch} --size {args.size} "
-          f"--rounds {args.rounds}`)\n")
+          f"--rounds {args.rounds}{' --isolate' if args.isolate else ''}`)\n")
     print(f"Machine: {os.cpu_count()} cores ({cpu}), jax {jax.__version__}, torch {torch.__version__}, "
-          f"{args.threads} torch threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}); float32, batch {args.batch}, {args.size} px. Float32 matmul "
+          f"{args.threads} torch threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), {how}; float32, batch {args.batch}, {args.size} px. Float32 matmul "
           f"(2048^3): {jax_rate / 1e9:.0f} GFLOP/s in XLA, {torch_rate / 1e9:.0f} GFLOP/s in torch.\n")
     print("| model | params (ours = timm) | train img/s jaxvision | train img/s timm | ratio | "
           "infer img/s jaxvision | infer img/s timm | ratio | compile s | train GFLOP/img (XLA) | "

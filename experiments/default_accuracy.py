@@ -33,7 +33,7 @@ def main():
         print(f"seed {seed}: final test top-1 {summary['final_val_top1']:.4f}, "
               f"best {summary['best_val_top1']:.4f}, {wall:.0f} s", flush=True)
     finals = [r[1] for r in rows]
-    print(f"\n| seed | final test top-1 | best test top-1 | wall time (s) |\n|---:|---:|---:|---:|")
+    print("\n| seed | final test top-1 | best test top-1 | wall time (s) |\n|---:|---:|---:|---:|")
     for seed, final, best, wall in rows:
         print(f"| {seed} | {final:.2%} | {best:.2%} | {wall:.0f} |")
     print(f"\nmin {min(finals):.2%}, mean {sum(finals) / len(finals):.2%} over {len(rows)} seeds "

@@ -18,6 +18,9 @@ CASES = [  # (size, channels in, channels out, kernel, stride, groups, padding)
     (10, 8, 16, 1, 1, 1, "SAME"),
     (9, 8, 16, 1, 2, 1, ((0, 0), (0, 0))),
     (10, 8, 16, 1, 2, 1, "SAME"),
+    (2, 8, 16, 3, 1, 1, ((1, 1), (1, 1))),  # dense, tiny output: shifted GEMMs
+    (8, 8, 16, 3, 2, 1, "SAME"),  # 4x4 output
+    (7, 8, 8, 3, 2, 1, ((1, 1), (1, 1))),
 ]
 
 
@@ -39,10 +42,10 @@ def test_lowering_matches_lax_conv(size, cin, cout, k, stride, groups, padding):
         np.testing.assert_allclose(g_ours, g_ref, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(g_ref))))
 
 
-def test_pointwise_and_depthwise_are_rewritten_on_cpu_and_others_are_not():
-    """The rewrite is what makes them fast: no convolution left in the HLO for those two."""
-    def hlo(k, groups):
-        x = jnp.zeros((1, 8, 8, 4))
+def test_pointwise_depthwise_and_tiny_dense_are_rewritten_on_cpu_and_others_are_not():
+    """The rewrite is what makes them fast: no convolution left in the HLO for those."""
+    def hlo(k, groups, size=8):
+        x = jnp.zeros((1, size, size, 4))
         w = jnp.zeros((k, k, 4 // groups, 4))
         f = lambda x, w: conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=conv.NHWC,
                                                    feature_group_count=groups)
@@ -51,6 +54,7 @@ def test_pointwise_and_depthwise_are_rewritten_on_cpu_and_others_are_not():
     assert "convolution" not in hlo(1, 1) and "dot_general" in hlo(1, 1)
     assert "convolution" not in hlo(3, 4)
     assert "convolution" in hlo(3, 1) and "convolution" in hlo(3, 2)
+    assert "convolution" not in hlo(3, 1, size=4) and "convolution" in hlo(3, 1, size=5)
     with conv.lax_only():
         assert "convolution" in hlo(1, 1) and "convolution" in hlo(3, 4)
     assert "convolution" not in hlo(1, 1)

@@ -38,6 +38,14 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[..., :3], dtype=np.uint8)
 
 
+def read_image(path: str) -> np.ndarray:
+    """uint8 (H, W, 3) of an image file (any format PIL reads); raises on an undecodable one."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    with Image.open(io.BytesIO(raw)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
 class Source:
     """Base: `__getitem__` with corrupt-element fallback; subclasses implement `_load`."""
 
@@ -139,11 +147,7 @@ class FolderSource(Source):
         return os.path.join(self.root, self.files[index])
 
     def _load(self, index):
-        with open(self._describe(index), "rb") as f:
-            raw = f.read()
-        with Image.open(io.BytesIO(raw)) as img:
-            image = np.asarray(img.convert("RGB"))
-        return {"image": image, "label": int(self.labels[index])}
+        return {"image": read_image(self._describe(index)), "label": int(self.labels[index])}
 
 
 class TfdsSource(Source):

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import csv
 import glob
-import io
 import os
 
 import numpy as np
-from PIL import Image
 
-from jaxvision.data.sources import IMAGE_SUFFIXES, DataError, to_rgb
+from jaxvision.data.sources import IMAGE_SUFFIXES, DataError, read_image
 from jaxvision.deploy import calibration
 
 
@@ -42,9 +40,7 @@ def list_inputs(pattern: str) -> list[str]:
 def read(path: str) -> np.ndarray | None:
     """uint8 (H, W, 3), or None when the file cannot be decoded."""
     try:
-        with open(path, "rb") as f:
-            with Image.open(io.BytesIO(f.read())) as img:
-                return to_rgb(np.asarray(img.convert("RGB")))
+        return read_image(path)
     except Exception:  # noqa: BLE001  (any decode failure: report the file, go on)
         return None
 

@@ -1,12 +1,14 @@
 """Convolution lowering for XLA's CPU backend (the `conv_general_dilated` every zoo Conv uses).
 
-XLA:CPU hands a convolution to its Eigen kernels, which are fast for dense 3x3 convolutions but
-slow for two shapes that dominate modern CNNs (measured in experiments/PERF.md):
+XLA:CPU hands a convolution to its Eigen kernels, which are fast for dense 3x3 convolutions on
+feature maps of 7x7 and up but slow for three shapes (measured in experiments/PERF.md):
   * 1x1 (pointwise) convolutions: 5-8x slower than the same product written as a matrix
     multiply, which XLA:CPU runs as one GEMM;
+  * dense convolutions with a tiny output (at most 4x4, the last stages of a CNN at 32-128 px):
+    up to 33x slower (3x3, 512 channels, 2x2 map: 138 ms against 4 ms) than k*k shifted GEMMs;
   * depthwise convolutions (one group per channel): 30x slower than k*k shifted multiply-adds,
     which XLA fuses into a single elementwise loop (and whose gradient is elementwise too).
-On CPU these two cases are rewritten so; everything else, and every case on GPU and TPU (where
+On CPU these cases are rewritten so; everything else, and every case on GPU and TPU (where
 XLA's own convolution emitters are already good), goes to `lax.conv_general_dilated`.
 The rewrite is exact up to float summation order. `lax_only()` turns it off for code that must
 see every convolution as `lax.conv_general_dilated` on its kernel (qwix's int8 quantization).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 
 import jax
 import jax.numpy as jnp
@@ -53,10 +56,17 @@ def windows(x, kernel, strides, pads, fill=0.0):
             yield i, j, x[:, i:i + (out_h - 1) * sh + 1:sh, j:j + (out_w - 1) * sw + 1:sw, :]
 
 
-def pointwise(x, kernel, strides, pads, precision=None):
-    """1x1 convolution as a matrix multiply over the channel axis."""
-    (view,) = [v for _, _, v in windows(x, (1, 1), strides, pads)]
-    return lax.dot_general(view, kernel[0, 0], (((3,), (0,)), ((), ())), precision=precision)
+SMALL_OUTPUT = 16  # output pixels up to which a dense convolution becomes shifted GEMMs (4x4)
+
+
+def shifted_gemms(x, kernel, strides, pads, precision=None):
+    """Dense convolution as one matrix multiply over channels per kernel tap, summed (a 1x1
+    convolution is a single GEMM)."""
+    out = None
+    for i, j, view in windows(x, kernel.shape[:2], strides, pads):
+        term = lax.dot_general(view, kernel[i, j], (((3,), (0,)), ((), ())), precision=precision)
+        out = term if out is None else out + term
+    return out
 
 
 def depthwise(x, kernel, strides, pads):
@@ -78,8 +88,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if plain:
         kernel = rhs.shape[:2]
         pads = _explicit_padding(padding, lhs.shape[1:3], kernel, window_strides)
-        if kernel == (1, 1) and feature_group_count == 1:
-            return pointwise(lhs, rhs, window_strides, pads, precision)
+        out_pixels = math.prod((n + lo + hi - k) // s + 1 for n, (lo, hi), k, s
+                               in zip(lhs.shape[1:3], pads, kernel, window_strides))
+        if feature_group_count == 1 and (kernel == (1, 1) or out_pixels <= SMALL_OUTPUT):
+            return shifted_gemms(lhs, rhs, window_strides, pads, precision)
         if feature_group_count == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[2] == 1:
             return depthwise(lhs, rhs, window_strides, pads)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
