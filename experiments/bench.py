@@ -148,6 +148,7 @@ class Worker:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--batch", str(args.batch),
                "--size", str(args.size), "--threads", str(args.threads)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ask("ready")  # imports done: nothing of this worker runs during the other's turn
 
     def ask(self, *command) -> dict:
         self.proc.stdin.write(" ".join(map(str, command)) + "\n")
@@ -163,7 +164,7 @@ class Worker:
 
 
 def serve_worker(args) -> None:
-    """The worker side of `Worker`: setup NAME | train N | infer N | matmul."""
+    """The worker side of `Worker`: ready | setup NAME | train N | infer N | matmul."""
     if args.worker == "torch":
         import torch
         torch.set_num_threads(args.threads)
@@ -173,6 +174,8 @@ def serve_worker(args) -> None:
         if command == "setup":
             bench = (JaxBench if args.worker == "jax" else TorchBench)(rest[0], args.batch, args.size)
             reply = describe(bench)
+        elif command == "ready":
+            reply = {}
         elif command == "matmul":
             reply = {"rate": matmul_rate(args.worker)}
         else:
@@ -182,7 +185,8 @@ def serve_worker(args) -> None:
 
 def isolated_rows(args):
     """(matmul rates, rows) with each framework in its own process, taking turns."""
-    workers = {"j": Worker("jax", args), "t": Worker("torch", args)}
+    workers = {"j": Worker("jax", args)}
+    workers["t"] = Worker("torch", args)  # started after the jax worker is ready
 
     def turn(key, *command):
         time.sleep(args.pause)  # the other framework's threads stop spinning

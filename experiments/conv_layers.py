@@ -3,6 +3,7 @@
 
     python experiments/conv_layers.py            # 1x1 and depthwise: XLA, jaxvision, torch
     python experiments/conv_layers.py --dense    # 3x3 and the stem: lax.conv against two GEMM lowerings
+                                                 # (conv.py keeps shifted GEMMs for outputs <= 4x4)
 
 Batch 16, float32, channels-last in both frameworks, best of 5 calls after warm-up. Prints
 forward and forward+backward milliseconds per layer shape (ResNet-50 and EfficientNet-B0 shapes).
@@ -66,23 +67,17 @@ def torch_ms(h, cin, cout, k, stride, groups):
 
 def im2col(x, w, strides, padding, **_):
     """Dense convolution as one GEMM over the k*k shifted views concatenated along channels."""
-    views = [v for _, _, v in conv._windows(x, w.shape[:2], strides, padding)]
+    views = [v for _, _, v in conv.windows(x, w.shape[:2], strides, padding)]
     return lax.dot_general(jnp.concatenate(views, -1), w.reshape(-1, w.shape[-1]), (((3,), (0,)), ((), ())))
 
 
-def shifted_gemms(x, w, strides, padding, **_):
-    """Dense convolution as k*k GEMMs of the shifted views, summed."""
-    out = 0
-    for i, j, v in conv._windows(x, w.shape[:2], strides, padding):
-        out = out + lax.dot_general(v, w[i, j], (((3,), (0,)), ((), ())))
-    return out
-
-
 def dense():
-    """The lever PERF.md rejected: dense convolutions as GEMMs instead of XLA's convolution."""
+    """Dense convolutions as GEMMs instead of XLA's convolution: rejected from 7x7 maps up, kept
+    for outputs of at most 4x4 (the last rows)."""
     print("| layer (batch 16) | lax.conv fwd / fwd+bwd ms | im2col GEMM | k*k shifted GEMMs |\n|---|---:|---:|---:|")
     for h, cin, cout, k, stride in [(56, 64, 64, 3, 1), (28, 128, 128, 3, 1), (14, 256, 256, 3, 1),
-                                    (7, 512, 512, 3, 1), (56, 128, 128, 3, 2), (112, 3, 64, 7, 2)]:
+                                    (7, 512, 512, 3, 1), (56, 128, 128, 3, 2), (112, 3, 64, 7, 2),
+                                    (4, 512, 512, 3, 1), (2, 512, 512, 3, 1), (8, 256, 256, 3, 2)]:
         x = jax.random.normal(jax.random.key(0), (16, h, h, cin))
         w = 0.05 * jax.random.normal(jax.random.key(1), (k, k, cin, cout))
         pads = ((k // 2, k // 2), (k // 2, k // 2))
@@ -90,7 +85,8 @@ def dense():
         def run(impl):
             return jax_ms(lambda x, w, s, _, **kw: impl(x, w, s, pads, **kw), x, w, stride, 1)
 
-        cells = [run(lax.conv_general_dilated), run(im2col), run(shifted_gemms)]
+        cells = [run(lax.conv_general_dilated), run(im2col),
+                 run(lambda x, w, s, p, **_: conv.shifted_gemms(x, w, s, p))]
         print(f"| {k}x{k}/{stride}, {h}x{h}, {cin}->{cout} | " +
               " | ".join(f"{a:.0f} / {b:.0f}" for a, b in cells) + " |", flush=True)
 
