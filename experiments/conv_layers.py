@@ -3,7 +3,7 @@
 
     python experiments/conv_layers.py            # 1x1 and depthwise: XLA, jaxvision, torch
     python experiments/conv_layers.py --dense    # 3x3 and the stem: lax.conv against two GEMM lowerings
-                                                 # (conv.py keeps shifted GEMMs for outputs <= 4x4)
+                                                 # (conv.py keeps shifted GEMMs for outputs <= 2x2)
 
 Batch 16, float32, channels-last in both frameworks, best of 5 calls after warm-up. Prints
 forward and forward+backward milliseconds per layer shape (ResNet-50 and EfficientNet-B0 shapes).
@@ -73,7 +73,7 @@ def im2col(x, w, strides, padding, **_):
 
 def dense():
     """Dense convolutions as GEMMs instead of XLA's convolution: rejected from 7x7 maps up, kept
-    for outputs of at most 4x4 (the last rows)."""
+    for outputs of at most 2x2 (the last rows)."""
     print("| layer (batch 16) | lax.conv fwd / fwd+bwd ms | im2col GEMM | k*k shifted GEMMs |\n|---|---:|---:|---:|")
     for h, cin, cout, k, stride in [(56, 64, 64, 3, 1), (28, 128, 128, 3, 1), (14, 256, 256, 3, 1),
                                     (7, 512, 512, 3, 1), (56, 128, 128, 3, 2), (112, 3, 64, 7, 2),

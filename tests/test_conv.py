@@ -19,8 +19,8 @@ CASES = [  # (size, channels in, channels out, kernel, stride, groups, padding)
     (9, 8, 16, 1, 2, 1, ((0, 0), (0, 0))),
     (10, 8, 16, 1, 2, 1, "SAME"),
     (2, 8, 16, 3, 1, 1, ((1, 1), (1, 1))),  # dense, tiny output: shifted GEMMs
-    (8, 8, 16, 3, 2, 1, "SAME"),  # 4x4 output
-    (7, 8, 8, 3, 2, 1, ((1, 1), (1, 1))),
+    (1, 8, 16, 3, 1, 1, ((1, 1), (1, 1))),  # 1x1 output: only the centre tap sees input
+    (3, 8, 8, 3, 2, 1, ((1, 1), (1, 1))),  # 2x2 output, stride 2
 ]
 
 
@@ -54,7 +54,7 @@ def test_pointwise_depthwise_and_tiny_dense_are_rewritten_on_cpu_and_others_are_
     assert "convolution" not in hlo(1, 1) and "dot_general" in hlo(1, 1)
     assert "convolution" not in hlo(3, 4)
     assert "convolution" in hlo(3, 1) and "convolution" in hlo(3, 2)
-    assert "convolution" not in hlo(3, 1, size=4) and "convolution" in hlo(3, 1, size=5)
+    assert "convolution" not in hlo(3, 1, size=2) and "convolution" in hlo(3, 1, size=3)
     with conv.lax_only():
         assert "convolution" in hlo(1, 1) and "convolution" in hlo(3, 4)
     assert "convolution" not in hlo(1, 1)

@@ -4,8 +4,9 @@ XLA:CPU hands a convolution to its Eigen kernels, which are fast for dense 3x3 c
 feature maps of 7x7 and up but slow for three shapes (measured in experiments/PERF.md):
   * 1x1 (pointwise) convolutions: 5-8x slower than the same product written as a matrix
     multiply, which XLA:CPU runs as one GEMM;
-  * dense convolutions with a tiny output (at most 4x4, the last stages of a CNN at 32-128 px):
-    up to 33x slower (3x3, 512 channels, 2x2 map: 138 ms against 4 ms) than k*k shifted GEMMs;
+  * dense convolutions with a tiny output (at most 2x2, the last stage of a ResNet at 64 px):
+    3-35x slower (3x3, 512 channels, 2x2 map: 138 ms against 4 ms) than k*k shifted GEMMs (at
+    4x4 it depends on the channels, so 4x4 stays with XLA);
   * depthwise convolutions (one group per channel): 30x slower than k*k shifted multiply-adds,
     which XLA fuses into a single elementwise loop (and whose gradient is elementwise too).
 On CPU these cases are rewritten so; everything else, and every case on GPU and TPU (where
@@ -46,17 +47,25 @@ def _explicit_padding(padding, spatial, kernel, strides):
 
 def windows(x, kernel, strides, pads, fill=0.0):
     """Yields (i, j, view): the NHWC input (padded with `fill`) seen by kernel tap (i, j), for
-    every output position."""
-    x = jnp.pad(x, ((0, 0), *[tuple(p) for p in pads], (0, 0)), constant_values=fill)
+    every output position. Taps that see only padding are left out (on tiny maps most do):
+    they add nothing to a sum, a convolution or a max."""
+    pads = [tuple(p) for p in pads]
+    size = x.shape[1:3]
+    x = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=fill)
     (sh, sw), (kh, kw) = strides, kernel
     out_h = (x.shape[1] - kh) // sh + 1
     out_w = (x.shape[2] - kw) // sw + 1
+
+    def real(tap, stride, out, lo, n):
+        return any(lo <= tap + stride * o < lo + n for o in range(out))
+
     for i in range(kh):
         for j in range(kw):
-            yield i, j, x[:, i:i + (out_h - 1) * sh + 1:sh, j:j + (out_w - 1) * sw + 1:sw, :]
+            if real(i, sh, out_h, pads[0][0], size[0]) and real(j, sw, out_w, pads[1][0], size[1]):
+                yield i, j, x[:, i:i + (out_h - 1) * sh + 1:sh, j:j + (out_w - 1) * sw + 1:sw, :]
 
 
-SMALL_OUTPUT = 16  # output pixels up to which a dense convolution becomes shifted GEMMs (4x4)
+SMALL_OUTPUT = 4  # output pixels up to which a dense convolution becomes shifted GEMMs (2x2)
 
 
 def shifted_gemms(x, kernel, strides, pads, precision=None):
