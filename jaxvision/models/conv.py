@@ -56,8 +56,8 @@ def windows(x, kernel, strides, pads, fill=0.0):
     out_h = (x.shape[1] - kh) // sh + 1
     out_w = (x.shape[2] - kw) // sw + 1
 
-    def real(tap, stride, out, lo, n):
-        return any(lo <= tap + stride * o < lo + n for o in range(out))
+    def real(tap, stride, out, lo, n):  # (an empty output, as in shape-only tracing, keeps all)
+        return out <= 0 or any(lo <= tap + stride * o < lo + n for o in range(out))
 
     for i in range(kh):
         for j in range(kw):
