@@ -265,7 +265,7 @@ def main():
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     how = "--isolate" if args.isolate else "one process"
     print(f"\n# jaxvision vs timm (`python experiments/bench.py --batch {args.batch} --size {args.size} "
-          f"--rounds {args.rounds}{' --isolate' if args.isolate else ''}`)\n")
+          f"--rounds {args.rounds}{' ' + how if args.isolate else ''}`)\n")
     print(f"Machine: {os.cpu_count()} cores ({cpu}), jax {jax.__version__}, torch {torch.__version__}, "
           f"{args.threads} torch threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), {how}; float32, batch {args.batch}, {args.size} px. Float32 matmul "
           f"(2048^3): {jax_rate / 1e9:.0f} GFLOP/s in XLA, {torch_rate / 1e9:.0f} GFLOP/s in torch.\n")

@@ -6,3 +6,6 @@ bug and keeps its traceback."""
 
 class UserError(ValueError):
     pass
+
+
+DEPLOY_EXTRA = "pip install 'jaxvision[deploy]'"  # qwix, jax2onnx, onnxruntime

@@ -85,8 +85,9 @@ def gradcam(model, variables, images, index: int, classes=None):
     return jnp.clip(cam, 0, 1), cls, logits
 
 
-def attention_maps(model, variables, images) -> list:
-    """Every ViT block's attention probabilities (B, heads, tokens, tokens), in block order."""
+def attention_maps(model, variables, images) -> tuple[list, jax.Array]:
+    """(every ViT block's attention probabilities (B, heads, tokens, tokens) in block order,
+    logits)."""
     from jaxvision.models import vit
 
     maps = []

@@ -30,12 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvision.errors import UserError
+from jaxvision.errors import DEPLOY_EXTRA, UserError
 from jaxvision.models import conv as conv_lib
 from jaxvision.train import step as step_lib
 
 FORMATS = ("stablehlo", "onnx")
-EXTRA = "pip install 'jaxvision[deploy]'"
 _METHODS = {"bicubic": "cubic", "bilinear": "linear", "nearest": "nearest"}
 
 
@@ -143,4 +142,4 @@ def check_format(fmt: str, quantize: str = "") -> None:
                           "convert qwix's quantized layers): add --config.export.format=stablehlo")
     missing = [m for m in ("jax2onnx", "onnxruntime") if fmt == "onnx" and importlib.util.find_spec(m) is None]
     if missing:
-        raise ExportError(f"config.export.format=onnx needs {' and '.join(missing)}, not installed: {EXTRA}")
+        raise ExportError(f"config.export.format=onnx needs {' and '.join(missing)}, not installed: {DEPLOY_EXTRA}")

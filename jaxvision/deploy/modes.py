@@ -109,7 +109,7 @@ def quantize(config, workdir: str) -> dict:
     qlogits, _ = _split_logits(s, qfn, jax.device_put(qvariables, mesh_lib.replicated(s.mesh)),
                                s.eval_source, c.qtype)
     top1, qtop1 = (float(np.mean(np.argmax(x, -1) == labels)) for x in (logits, qlogits))
-    size, qsize = quantize_lib.nbytes(jax.device_get(variables)), quantize_lib.nbytes(qvariables)
+    size, qsize = quantize_lib.nbytes(variables), quantize_lib.nbytes(qvariables)
     result = {"model": s.config.model.name, "step": step, "qtype": c.qtype, "images": len(labels),
               "top1_float32": top1, f"top1_{c.qtype}": qtop1, "top1_change_points": 100 * (qtop1 - top1),
               "agreement": float(np.mean(np.argmax(logits, -1) == np.argmax(qlogits, -1))),

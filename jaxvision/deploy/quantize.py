@@ -14,18 +14,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvision.errors import UserError
+from jaxvision.errors import DEPLOY_EXTRA, UserError
 from jaxvision.models import conv as conv_lib
 
 QTYPES = ("int8",)
-EXTRA = "pip install 'jaxvision[deploy]'"
 
 
 def _qwix():
     try:
         import qwix
     except ImportError as e:
-        raise UserError(f"int8 quantization needs qwix, which is not installed: {EXTRA}") from e
+        raise UserError(f"int8 quantization needs qwix, which is not installed: {DEPLOY_EXTRA}") from e
     return qwix
 
 

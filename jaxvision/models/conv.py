@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 
 import jax
@@ -45,16 +46,20 @@ def _explicit_padding(padding, spatial, kernel, strides):
     return [tuple(p) for p in padding]
 
 
+def output_size(size, kernel, strides, pads) -> tuple[int, int]:
+    """(out_h, out_w) of a window of `kernel` sliding by `strides` over `size` padded by `pads`."""
+    return tuple((n + lo + hi - k) // s + 1 for n, k, s, (lo, hi) in zip(size, kernel, strides, pads))
+
+
 def windows(x, kernel, strides, pads, fill=0.0):
     """Yields (i, j, view): the NHWC input (padded with `fill`) seen by kernel tap (i, j), for
     every output position. Taps that see only padding are left out (on tiny maps most do):
     they add nothing to a sum, a convolution or a max."""
     pads = [tuple(p) for p in pads]
     size = x.shape[1:3]
-    x = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=fill)
     (sh, sw), (kh, kw) = strides, kernel
-    out_h = (x.shape[1] - kh) // sh + 1
-    out_w = (x.shape[2] - kw) // sw + 1
+    out_h, out_w = output_size(size, kernel, strides, pads)
+    x = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=fill)
 
     def real(tap, stride, out, lo, n):  # (an empty output, as in shape-only tracing, keeps all)
         return out <= 0 or any(lo <= tap + stride * o < lo + n for o in range(out))
@@ -68,23 +73,22 @@ def windows(x, kernel, strides, pads, fill=0.0):
 SMALL_OUTPUT = 4  # output pixels up to which a dense convolution becomes shifted GEMMs (2x2)
 
 
+def _tap_sum(x, kernel, strides, pads, term):
+    """Sum over the kernel taps (i, j) of term(view, kernel[i, j])."""
+    return functools.reduce(jnp.add, (term(view, kernel[i, j])
+                                      for i, j, view in windows(x, kernel.shape[:2], strides, pads)))
+
+
 def shifted_gemms(x, kernel, strides, pads, precision=None):
     """Dense convolution as one matrix multiply over channels per kernel tap, summed (a 1x1
     convolution is a single GEMM)."""
-    out = None
-    for i, j, view in windows(x, kernel.shape[:2], strides, pads):
-        term = lax.dot_general(view, kernel[i, j], (((3,), (0,)), ((), ())), precision=precision)
-        out = term if out is None else out + term
-    return out
+    return _tap_sum(x, kernel, strides, pads,
+                    lambda v, k: lax.dot_general(v, k, (((3,), (0,)), ((), ())), precision=precision))
 
 
 def depthwise(x, kernel, strides, pads):
     """Depthwise convolution (kernel (kh, kw, 1, C)) as kh*kw shifted multiply-adds."""
-    out = None
-    for i, j, view in windows(x, kernel.shape[:2], strides, pads):
-        term = view * kernel[i, j, 0]
-        out = term if out is None else out + term
-    return out
+    return _tap_sum(x, kernel, strides, pads, lambda v, k: v * k[0])
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -97,8 +101,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if plain:
         kernel = rhs.shape[:2]
         pads = _explicit_padding(padding, lhs.shape[1:3], kernel, window_strides)
-        out_pixels = math.prod((n + lo + hi - k) // s + 1 for n, (lo, hi), k, s
-                               in zip(lhs.shape[1:3], pads, kernel, window_strides))
+        out_pixels = math.prod(output_size(lhs.shape[1:3], kernel, window_strides, pads))
         if feature_group_count == 1 and (kernel == (1, 1) or out_pixels <= SMALL_OUTPUT):
             return shifted_gemms(lhs, rhs, window_strides, pads, precision)
         if feature_group_count == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[2] == 1:

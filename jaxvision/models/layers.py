@@ -13,9 +13,8 @@ Logical axis vocabulary: convolutions ``(None, None, "conv_in", "conv_out")``, n
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
-
 import math
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
