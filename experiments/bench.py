@@ -267,7 +267,8 @@ def main():
     print(f"\n# jaxvision vs timm (`python experiments/bench.py --batch {args.batch} --size {args.size} "
           f"--rounds {args.rounds}{' ' + how if args.isolate else ''}`)\n")
     print(f"Machine: {os.cpu_count()} cores ({cpu}), jax {jax.__version__}, torch {torch.__version__}, "
-          f"{args.threads} torch threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), {how}; float32, batch {args.batch}, {args.size} px. Float32 matmul "
+          f"{args.threads} torch threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', 'unset')} (both frameworks), {how}; float32, batch {args.batch}, {args.size} px. Float32 matmul "
           f"(2048^3): {jax_rate / 1e9:.0f} GFLOP/s in XLA, {torch_rate / 1e9:.0f} GFLOP/s in torch.\n")
     print("| model | params (ours = timm) | train img/s jaxvision | train img/s timm | ratio | "
           "infer img/s jaxvision | infer img/s timm | ratio | compile s | train GFLOP/img (XLA) | "
@@ -280,4 +281,6 @@ def main():
 
 
 if __name__ == "__main__":
+    from jaxvision import hostmem
+    hostmem.relaunch_with_huge_pages()  # as jaxvision.main does; the timm worker inherits it too
     main()

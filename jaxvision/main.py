@@ -74,4 +74,6 @@ def parse_flags(argv):
 
 
 if __name__ == "__main__":
+    from jaxvision import hostmem
+    hostmem.relaunch_with_huge_pages()
     app.run(main, flags_parser=parse_flags)
