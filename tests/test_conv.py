@@ -16,6 +16,7 @@ CASES = [  # (size, channels in, channels out, kernel, stride, groups, padding)
     (11, 8, 8, 5, 2, 8, ((2, 2), (2, 2))),
     (10, 8, 8, 3, 2, 8, ((1, 1), (1, 1))),
     (10, 8, 16, 1, 1, 1, "SAME"),
+    (10, 16, 8, 1, 1, 1, "SAME"),  # fewer channels out: the kernel gradient's other operand order
     (9, 8, 16, 1, 2, 1, ((0, 0), (0, 0))),
     (10, 8, 16, 1, 2, 1, "SAME"),
     (2, 8, 16, 3, 1, 1, ((1, 1), (1, 1))),  # dense, tiny output: shifted GEMMs
@@ -58,6 +59,16 @@ def test_pointwise_depthwise_and_tiny_dense_are_rewritten_on_cpu_and_others_are_
     with conv.lax_only():
         assert "convolution" in hlo(1, 1) and "convolution" in hlo(3, 4)
     assert "convolution" not in hlo(1, 1)
+
+
+@pytest.mark.parametrize("cin,cout", [(4, 16), (16, 4)])
+def test_kernel_gradient_puts_the_operand_with_fewer_channels_on_the_left(cin, cout):
+    """XLA:CPU transposes that operand in memory (see `conv.channel_matmul`)."""
+    x, w = jnp.ones((2, 5, 5, cin)), jnp.ones((cin, cout))
+    jaxpr = jax.make_jaxpr(jax.grad(lambda w: jnp.sum(conv.channel_matmul(x, w) ** 2)))(w)
+    (lhs,) = [e.invars[0] for e in jaxpr.eqns if e.primitive.name == "dot_general"
+              and tuple(e.params["dimension_numbers"][0][0]) == (0, 1, 2)]
+    assert lhs.aval.shape[-1] == min(cin, cout)
 
 
 @pytest.mark.parametrize("window,stride,padding", [
