@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from jax import lax
 
 from jaxvision.models import conv
@@ -61,11 +62,30 @@ def test_pointwise_depthwise_and_tiny_dense_are_rewritten_on_cpu_and_others_are_
     assert "convolution" not in hlo(1, 1)
 
 
+@pytest.mark.parametrize("shape,axis,features", [
+    ((2, 5, 8), -1, 16),  # MLP fc1
+    ((2, 5, 16), -1, 8),  # MLP fc2
+    ((2, 5, 8), -1, (3, 2, 4)),  # qkv: several output axes
+    ((2, 5, 2, 4), (-2, -1), 8),  # attention output: several input axes
+])
+def test_dense_lowering_matches_lax(shape, axis, features):
+    x = jax.random.normal(jax.random.key(0), shape)
+    ours, ref = (nn.DenseGeneral(features, axis=axis, dot_general=d) for d in (conv.dot_general, lax.dot_general))
+    params = ref.init(jax.random.key(1), x)
+
+    def grads(layer):
+        return jax.grad(lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x))), (0, 1))(params, x)
+
+    np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-6, atol=1e-6)
+    for g_ours, g_ref in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(ref))):
+        np.testing.assert_allclose(g_ours, g_ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("cin,cout", [(4, 16), (16, 4)])
 def test_kernel_gradient_puts_the_operand_with_fewer_channels_on_the_left(cin, cout):
-    """XLA:CPU transposes that operand in memory (see `conv.channel_matmul`)."""
+    """XLA:CPU transposes that operand in memory (see `conv.feature_matmul`)."""
     x, w = jnp.ones((2, 5, 5, cin)), jnp.ones((cin, cout))
-    jaxpr = jax.make_jaxpr(jax.grad(lambda w: jnp.sum(conv.channel_matmul(x, w) ** 2)))(w)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda w: jnp.sum(conv.feature_matmul(x, w) ** 2)))(w)
     (lhs,) = [e.invars[0] for e in jaxpr.eqns if e.primitive.name == "dot_general"
               and tuple(e.params["dimension_numbers"][0][0]) == (0, 1, 2)]
     assert lhs.aval.shape[-1] == min(cin, cout)

@@ -1,4 +1,5 @@
-"""Convolution lowering for XLA's CPU backend (the `conv_general_dilated` every zoo Conv uses).
+"""Convolution and dense-layer lowering for XLA's CPU backend (the `conv_general_dilated` every
+zoo Conv uses, the `dot_general` every zoo DenseGeneral uses).
 
 XLA:CPU hands a convolution to its Eigen kernels, which are fast for dense 3x3 convolutions on
 feature maps of 7x7 and up but slow for three shapes (measured in experiments/PERF.md):
@@ -11,8 +12,11 @@ feature maps of 7x7 and up but slow for three shapes (measured in experiments/PE
     which XLA fuses into a single elementwise loop (and whose gradient is elementwise too).
 On CPU these cases are rewritten so; everything else, and every case on GPU and TPU (where
 XLA's own convolution emitters are already good), goes to `lax.conv_general_dilated`.
+The GEMMs of 1x1 convolutions and dense layers get a backward pass that chooses which operand
+XLA:CPU transposes for the kernel gradient (`feature_matmul`: 1.2x on whole training steps).
 The rewrite is exact up to float summation order. `lax_only()` turns it off for code that must
-see every convolution as `lax.conv_general_dilated` on its kernel (qwix's int8 quantization).
+see every convolution and dense layer as the lax primitive on its kernel (qwix's int8
+quantization).
 """
 
 from __future__ import annotations
@@ -79,38 +83,54 @@ def _tap_sum(x, kernel, strides, pads, term):
                                       for i, j, view in windows(x, kernel.shape[:2], strides, pads)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def channel_matmul(x, w, precision=None):
-    """x[..., Cin] @ w[Cin, Cout]. Its kernel gradient contracts every axis but the channels;
-    XLA:CPU's GEMM wants those axes minor in its left operand, so that operand is transposed in
-    memory. Autodiff puts the output gradient on the left; this backward puts the operand with
-    fewer channels there, which halves the transposed bytes or better (a 64->256 1x1 convolution
-    at 56x56 with its BatchNorm: forward and backward 219 -> 86 ms; experiments/PERF.md)."""
-    return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def feature_matmul(x, w, n_in=1, precision=None):
+    """Contracts the last `n_in` axes of x (its features) with the first `n_in` of w: a 1x1
+    convolution or a dense layer. Its kernel gradient contracts every other axis; XLA:CPU's GEMM
+    wants those axes minor in its left operand, so that operand is transposed in memory.
+    Autodiff puts the output gradient on the left; this backward puts the operand with fewer
+    features there, which halves the transposed bytes or better (a 64->256 1x1 convolution at
+    56x56 with its BatchNorm: forward and backward 219 -> 86 ms; experiments/PERF.md)."""
+    return lax.dot_general(x, w, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
+                           precision=precision)
 
 
-def _channel_matmul_fwd(x, w, precision):
-    return channel_matmul(x, w, precision), (x, w)
+def _feature_matmul_fwd(x, w, n_in, precision):
+    return feature_matmul(x, w, n_in, precision), (x, w)
 
 
-def _channel_matmul_bwd(precision, residuals, dy):
+def _feature_matmul_bwd(n_in, precision, residuals, dy):
     x, w = residuals
-    dx = lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())), precision=precision)
-    rows = tuple(range(x.ndim - 1))
-    if x.shape[-1] <= dy.shape[-1]:
+    rows, n_out = tuple(range(x.ndim - n_in)), w.ndim - n_in
+    dx = lax.dot_general(dy, w, ((tuple(range(len(rows), dy.ndim)), tuple(range(n_in, w.ndim))), ((), ())),
+                         precision=precision)
+    if math.prod(x.shape[len(rows):]) <= math.prod(dy.shape[len(rows):]):
         dw = lax.dot_general(x, dy, ((rows, rows), ((), ())), precision=precision)
-    else:
-        dw = lax.dot_general(dy, x, ((rows, rows), ((), ())), precision=precision).T
+    else:  # (out..., in...) -> (in..., out...)
+        dw = lax.dot_general(dy, x, ((rows, rows), ((), ())), precision=precision)
+        dw = dw.transpose(tuple(range(n_out, w.ndim)) + tuple(range(n_out)))
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
-channel_matmul.defvjp(_channel_matmul_fwd, _channel_matmul_bwd)
+feature_matmul.defvjp(_feature_matmul_fwd, _feature_matmul_bwd)
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """Drop-in for `lax.dot_general` (as `nn.DenseGeneral(dot_general=...)`): a dense layer's
+    contraction of trailing input axes with leading kernel axes is `feature_matmul` on CPU."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    n = len(lc)
+    if (_LOWER.get() and jax.default_backend() == "cpu" and not lb and not rb and preferred_element_type is None
+            and tuple(lc) == tuple(range(lhs.ndim - n, lhs.ndim)) and tuple(rc) == tuple(range(n))):
+        return feature_matmul(lhs, rhs, n, precision)
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type)
 
 
 def shifted_gemms(x, kernel, strides, pads, precision=None):
     """Dense convolution as one matrix multiply over channels per kernel tap, summed (a 1x1
     convolution is a single GEMM)."""
-    return _tap_sum(x, kernel, strides, pads, lambda v, k: channel_matmul(v, k, precision))
+    return _tap_sum(x, kernel, strides, pads, lambda v, k: feature_matmul(v, k, 1, precision))
 
 
 def depthwise(x, kernel, strides, pads):

@@ -113,6 +113,7 @@ class ZooModule(nn.Module):
         n_out = 1 if isinstance(features, int) else len(features)
         return nn.DenseGeneral(
             features, axis=in_axes, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,
+            dot_general=conv_lib.dot_general,
             kernel_init=nn.with_logical_partitioning(kernel_init, axes),
             bias_init=nn.with_logical_partitioning(bias_init, axes[-n_out:]),
             name=name)
