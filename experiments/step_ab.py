@@ -1,0 +1,64 @@
+"""One lever of the CPU lowering, on and off, in the same process: training images/s of both.
+
+    python experiments/step_ab.py [--lever kernel-gradient-operand] [--models resnet50 ...] [--rounds 4]
+
+Builds jaxvision's jitted train step (as experiments/bench.py does, batch 16, 224 px, float32)
+twice per model, once as the code is and once with the lever switched off while tracing, then
+alternates timed steps of the two (one untimed step before each turn) and prints the medians.
+Levers:
+  kernel-gradient-operand: `conv.feature_matmul`'s backward (the operand with fewer features on
+      the left of the kernel-gradient GEMM) against autodiff's own (the output gradient there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import unittest.mock
+
+from jax import lax
+
+from bench import JaxBench, timed
+from jaxvision import hostmem
+from jaxvision.models import conv
+
+
+def _autodiff_feature_matmul(x, w, n_in=1, precision=None):
+    return lax.dot_general(x, w, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
+                           precision=precision)
+
+
+LEVERS = {
+    "kernel-gradient-operand": lambda: unittest.mock.patch.object(conv, "feature_matmul", _autodiff_feature_matmul),
+}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lever", choices=sorted(LEVERS), default="kernel-gradient-operand")
+    parser.add_argument("--models", nargs="+", default=["resnet50", "efficientnet_b0", "mobilenetv3_large_100",
+                                                       "vit_small_patch16_224"])
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args()
+    print(f"# `python experiments/step_ab.py --lever {args.lever} --rounds {args.rounds}`: training img/s, "
+          "batch 16, 224 px, float32, same process\n")
+    print("| model | lever off | lever on | ratio |\n|---|---:|---:|---:|")
+    for name in args.models:
+        benches = {}
+        for on in (True, False):
+            with contextlib.nullcontext() if on else LEVERS[args.lever]():
+                benches[on] = JaxBench(name, 16, 224)  # traced and compiled here
+        times = {True: [], False: []}
+        for r in range(args.rounds):
+            for on in ((True, False) if r % 2 else (False, True)):
+                benches[on].train()
+                times[on].append(timed(benches[on].train, 2))
+        off, on = (16 / statistics.median(times[k]) for k in (False, True))
+        print(f"| {name} | {off:.2f} | {on:.2f} | {on / off:.2f} |", flush=True)
+        del benches
+
+
+if __name__ == "__main__":
+    hostmem.relaunch_with_huge_pages()
+    main()
