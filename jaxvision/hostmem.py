@@ -3,8 +3,8 @@
 XLA:CPU allocates every intermediate of a step with malloc, and glibc serves large blocks with a
 fresh mmap that it unmaps on free: each step touches its gigabytes of temporaries page by page,
 4 KiB at a time, and the page faults cost more than the arithmetic on the memory-bound layers
-(an elementwise op on 51 MB: 18 ms, 5 ms with huge pages; EfficientNet-B0 training 1.7x faster;
-experiments/PERF.md). glibc >= 2.35 advises the kernel to back them with 2 MiB pages when
+(an elementwise op on 51 MB: 18 ms, 5 ms with huge pages; EfficientNet-B0 training 1.42x faster:
+`python experiments/huge_pages.py`). glibc >= 2.35 advises the kernel to back them with 2 MiB pages when
 `GLIBC_TUNABLES` holds `glibc.malloc.hugetlb=1`, which it reads only at process start, so the
 entry point restarts itself once with it (`relaunch_with_huge_pages`). `JAXVISION_HUGEPAGES=0`
 turns this off.
