@@ -8,6 +8,9 @@ alternates timed steps of the two (one untimed step before each turn) and prints
 Levers:
   kernel-gradient-operand: `conv.feature_matmul`'s backward (the operand with fewer features on
       the left of the kernel-gradient GEMM) against autodiff's own (the output gradient there).
+  max-pool-gradient: `layers.max_pool`'s backward (to the first maximum, from an index saved by
+      the forward) against autodiff of its chain of maxima.
+  subsample: the strided 1x1 convolutions' `conv.subsample` (a reduce_window) against a slice.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ import unittest.mock
 
 from bench import JaxBench, timed
 from jaxvision import hostmem
-from jaxvision.models import conv
+from jaxvision.models import conv, layers
 
 
 LEVERS = {
     # the same forward without its custom backward: autodiff's operand order
     "kernel-gradient-operand": lambda: unittest.mock.patch.object(conv, "feature_matmul", conv.feature_matmul.fun),
+    "max-pool-gradient": lambda: unittest.mock.patch.object(layers, "max_pool", layers.max_pool.fun),
+    "subsample": lambda: unittest.mock.patch.object(conv, "subsample", lambda x, s: x[:, ::s[0], ::s[1], :]),
 }
 
 

@@ -62,6 +62,15 @@ def test_pointwise_depthwise_and_tiny_dense_are_rewritten_on_cpu_and_others_are_
     assert "convolution" not in hlo(1, 1)
 
 
+def test_strided_pointwise_subsamples_with_a_reduce_window():
+    """Not a slice: XLA:CPU fuses a slice's producers into the transposed copy the kernel gradient
+    reads (see `conv.subsample`)."""
+    f = lambda x, w: conv.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=conv.NHWC)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(f(x, w)), (0, 1)))(jnp.ones((1, 8, 8, 4)), jnp.ones((1, 1, 4, 8)))
+    names = {e.primitive.name for e in jaxpr.eqns}
+    assert "reduce_window_sum" in names and not names & {"slice", "conv_general_dilated"}
+
+
 @pytest.mark.parametrize("shape,axis,features", [
     ((2, 5, 8), -1, 16),  # MLP fc1
     ((2, 5, 16), -1, 8),  # MLP fc2
@@ -109,3 +118,27 @@ def test_pools_match_flax(window, stride, padding):
         np.testing.assert_allclose(layers.avg_pool(x, window, stride, padding, count_include_pad=include),
                                    nn.avg_pool(x, window, strides=stride, padding=padding,
                                                count_include_pad=include), atol=1e-6)
+
+
+@pytest.mark.parametrize("window,stride,padding", [((3, 3), (2, 2), ((1, 1), (1, 1))), ((2, 2), (2, 2), ((0, 0), (0, 0)))])
+def test_max_pool_gradient_equals_autodiff_of_the_maximum(window, stride, padding):
+    """Without ties (216 distinct integers, exact in bfloat16) the custom backward is exactly autodiff's."""
+    import functools
+
+    from jaxvision.models import layers
+
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = jax.random.permutation(jax.random.key(0), jnp.arange(9 * 8 * 3)).reshape(1, 9, 8, 3).astype(dtype)
+        g = jax.random.normal(jax.random.key(1), layers.max_pool(x, window, stride, padding).shape, dtype)
+        views = lambda x: [v for _, _, v in conv.windows(x, window, stride, padding, fill=-jnp.inf)]
+        chain = lambda x: functools.reduce(jnp.maximum, views(x))
+        ours = jax.vjp(lambda x: layers.max_pool(x, window, stride, padding), x)[1](g)[0]
+        np.testing.assert_array_equal(ours, jax.vjp(chain, x)[1](g)[0])
+
+
+def test_max_pool_gradient_goes_to_the_first_maximum_as_in_pytorch():
+    from jaxvision.models import layers
+
+    x = jnp.zeros((1, 3, 4, 1)).at[0, 2, 3, 0].set(-1.0)
+    dx = jax.grad(lambda x: layers.max_pool(x, (3, 3), (1, 1)).sum())(x)
+    np.testing.assert_array_equal(dx[0, :, :, 0], [[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
