@@ -11,6 +11,7 @@ Levers:
   max-pool-gradient: `layers.max_pool`'s backward (to the first maximum, from an index saved by
       the forward) against autodiff of its chain of maxima.
   subsample: the strided 1x1 convolutions' `conv.subsample` (a reduce_window) against a slice.
+  attention: ViT's `vit.attention` (heads ahead of tokens) against `jax.nn.dot_product_attention`.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import contextlib
 import statistics
 import unittest.mock
 
+import jax
+
 from bench import JaxBench, timed
 from jaxvision import hostmem
-from jaxvision.models import conv, layers
+from jaxvision.models import conv, layers, vit
 
 
 LEVERS = {
@@ -30,6 +33,7 @@ LEVERS = {
     "kernel-gradient-operand": lambda: unittest.mock.patch.object(conv, "feature_matmul", conv.feature_matmul.fun),
     "max-pool-gradient": lambda: unittest.mock.patch.object(layers, "max_pool", layers.max_pool.fun),
     "subsample": lambda: unittest.mock.patch.object(conv, "subsample", lambda x, s: x[:, ::s[0], ::s[1], :]),
+    "attention": lambda: unittest.mock.patch.object(vit, "attention", jax.nn.dot_product_attention),
 }
 
 

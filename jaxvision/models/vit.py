@@ -31,6 +31,17 @@ def resample_pos_embed(pos, num_prefix: int, grid: tuple[int, int]):
     return jnp.concatenate([prefix, patches.reshape(1, -1, d).astype(pos.dtype)], axis=1)
 
 
+def attention(q, k, v):
+    """Softmax attention over (batch, tokens, heads, head_dim) queries, keys and values, with the
+    heads moved ahead of the tokens once: XLA:CPU then runs both batched products on contiguous
+    (tokens, head_dim) matrices. ViT-S's attention, forward and backward: 54 -> 31 ms against
+    `jax.nn.dot_product_attention` (experiments/PERF.md). Logits and softmax in float32."""
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q * q.shape[-1] ** -0.5, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
+
+
 class Attention(layers.ZooModule, kw_only=True):
     num_heads: int
 
@@ -39,7 +50,7 @@ class Attention(layers.ZooModule, kw_only=True):
         d = x.shape[-1]
         qkv = self.dense((3, self.num_heads, d // self.num_heads),
                          axes=("embed", None, "heads", "kv"), name="qkv")(x)
-        out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
         return self.dense(d, in_axes=(-2, -1), axes=("heads", "kv", "embed"), name="proj")(out)
 
 
