@@ -104,6 +104,9 @@ def test_resume_is_exact(tmp_path):
     assert second["steps"] == 8
     assert losses(stopped) == losses(straight)
     jax.tree_util.tree_map(np.testing.assert_array_equal, final_params(stopped), final_params(straight))
+    again = loop.train(tiny(num_steps=8, run_steps=4), stopped)  # a finished run, rerun: nothing to do
+    assert again["steps"] == 8 and again["final_val_top1"] == second["final_val_top1"] is not None
+    assert json.load(open(os.path.join(stopped, "summary.json")))["best_val_top1"] == second["best_val_top1"]
 
 
 def test_command_line_trains_evaluates_and_writes_metrics(tmp_path):

@@ -24,7 +24,7 @@ from jaxvision.data import mix as mix_lib, pipeline, sources, transforms
 from jaxvision.errors import UserError
 from jaxvision.parallel import mesh as mesh_lib, preemption, sharding
 from jaxvision.train import evaluate as eval_lib, optim, state as state_lib, step as step_lib
-from jaxvision.train.writer import MetricWriter, table
+from jaxvision.train.writer import MetricWriter, evaluations, table
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CLASSES_FILE = "classes.json"  # class names in the workdir, for modes that run without the data
@@ -265,7 +265,7 @@ def train(config, workdir: str) -> dict:
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                disable=jax.process_index() != 0, mininterval=1.0)
     acc, n_acc, t_mark = None, 0, time.perf_counter()
-    rates, evals = [], {}
+    rates, evals = [], evaluations(workdir, start)
     step, preempted = start, False
     watch = preemption.PreemptionWatch()
     try:

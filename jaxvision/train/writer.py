@@ -38,6 +38,23 @@ class MetricWriter:
             self._tb.close()
 
 
+def evaluations(workdir: str, upto: int) -> dict[int, dict]:
+    """The evaluation rows of metrics.jsonl up to step `upto`, by step: the summary of a resumed
+    run (or of rerunning a finished one) keeps the evaluations of the runs before it."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    rows = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a crash
+                    continue
+                if "val_top1" in row and row["step"] <= upto:
+                    rows[row.pop("step")] = row
+    return rows
+
+
 def table(rows: list[tuple], header: tuple | None = None) -> str:
     """Plain aligned text table (reads well in a terminal and in a log)."""
     rows = [tuple(str(c) for c in r) for r in rows]
