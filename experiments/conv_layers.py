@@ -1,12 +1,14 @@
 """Single convolutions: XLA:CPU's `lax.conv_general_dilated`, jaxvision's CPU lowering
-(`jaxvision/models/conv.py`: 1x1 as a GEMM, depthwise as shifted multiply-adds) and torch.
+(`jaxvision/models/conv.py`: 1x1 as a GEMM, depthwise as shifted multiply-adds, stride-1 3x3 by
+Winograd's algorithm) and torch.
 
-    python experiments/conv_layers.py            # 1x1 and depthwise: XLA, jaxvision, torch
+    python experiments/conv_layers.py            # 1x1, 3x3 and depthwise: XLA, jaxvision, torch
     python experiments/conv_layers.py --dense    # 3x3 and the stem: lax.conv against two GEMM lowerings
                                                  # (conv.py keeps shifted GEMMs for outputs <= 2x2)
 
-Batch 16, float32, channels-last in both frameworks, best of 5 calls after warm-up. Prints
-forward and forward+backward milliseconds per layer shape (ResNet-50 and EfficientNet-B0 shapes).
+Batch 16, float32, channels-last in both frameworks, best of 5 calls after warm-up, host memory in
+huge pages (`jaxvision.hostmem`) as in training. Prints forward and forward+backward milliseconds
+per layer shape (ResNet-50 and EfficientNet-B0 shapes).
 Needs the `parity` extra (torch).
 """
 
@@ -20,11 +22,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxvision import hostmem
 from jaxvision.models import conv
 
 # (height, channels in, channels out, kernel, stride, groups): groups == channels is depthwise.
 SHAPES = [(56, 64, 64, 1, 1, 1), (56, 256, 64, 1, 1, 1), (14, 256, 1024, 1, 1, 1),
-          (56, 64, 64, 3, 1, 1), (28, 128, 128, 3, 1, 1), (7, 512, 512, 3, 1, 1),
+          (56, 64, 64, 3, 1, 1), (28, 128, 128, 3, 1, 1), (14, 256, 256, 3, 1, 1), (7, 512, 512, 3, 1, 1),
           (112, 32, 32, 3, 1, 32), (56, 144, 144, 3, 1, 144), (28, 240, 240, 5, 1, 240),
           (112, 96, 96, 3, 2, 96)]
 
@@ -111,4 +114,5 @@ def main():
 
 
 if __name__ == "__main__":
+    hostmem.relaunch_with_huge_pages()  # as `jaxvision.main` and bench.py run
     main()

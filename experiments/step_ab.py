@@ -12,6 +12,7 @@ Levers:
       the forward) against autodiff of its chain of maxima.
   subsample: the strided 1x1 convolutions' `conv.subsample` (a reduce_window) against a slice.
   attention: ViT's `vit.attention` (heads ahead of tokens) against `jax.nn.dot_product_attention`.
+  winograd: stride-1 3x3 convolutions by `winograd.conv3x3` against XLA's direct convolution.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import jax
 
 from bench import JaxBench, timed
 from jaxvision import hostmem
-from jaxvision.models import conv, layers, vit
+from jaxvision.models import conv, layers, vit, winograd
 
 
 LEVERS = {
@@ -34,6 +35,7 @@ LEVERS = {
     "max-pool-gradient": lambda: unittest.mock.patch.object(layers, "max_pool", layers.max_pool.fun),
     "subsample": lambda: unittest.mock.patch.object(conv, "subsample", lambda x, s: x[:, ::s[0], ::s[1], :]),
     "attention": lambda: unittest.mock.patch.object(vit, "attention", jax.nn.dot_product_attention),
+    "winograd": lambda: unittest.mock.patch.object(winograd, "block_size", lambda x_shape, w_shape: None),
 }
 
 

@@ -9,7 +9,7 @@ import pytest
 from flax import linen as nn
 from jax import lax
 
-from jaxvision.models import conv
+from jaxvision.models import conv, winograd
 
 CASES = [  # (size, channels in, channels out, kernel, stride, groups, padding)
     (9, 8, 8, 3, 1, 8, "SAME"),
@@ -55,11 +55,49 @@ def test_pointwise_depthwise_and_tiny_dense_are_rewritten_on_cpu_and_others_are_
 
     assert "convolution" not in hlo(1, 1) and "dot_general" in hlo(1, 1)
     assert "convolution" not in hlo(3, 4)
-    assert "convolution" in hlo(3, 1) and "convolution" in hlo(3, 2)
+    assert "convolution" not in hlo(3, 1)  # Winograd
+    assert "convolution" in hlo(3, 1, size=7) and "convolution" in hlo(3, 2)
     assert "convolution" not in hlo(3, 1, size=2) and "convolution" in hlo(3, 1, size=3)
     with conv.lax_only():
         assert "convolution" in hlo(1, 1) and "convolution" in hlo(3, 4)
     assert "convolution" not in hlo(1, 1)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_winograd_transforms_compute_a_correlation(m):
+    at, g, bt = (t.astype(np.float64) for t in winograd.transforms(m))
+    d, k = np.random.RandomState(0).randn(2, m + 2)
+    k = k[:3]
+    np.testing.assert_allclose(at @ ((g @ k) * (bt @ d)), np.correlate(d, k, "valid"), atol=1e-6)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("shape", [(2, 8, 8, 5), (1, 14, 10, 3), (3, 6, 7, 4)])  # 7 and 10: padded
+def test_winograd_matches_lax_conv(m, shape):
+    x = jax.random.normal(jax.random.key(0), shape)
+    w = jax.random.normal(jax.random.key(1), (3, 3, shape[-1], 6))
+    ref = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=conv.NHWC)
+    ours = lambda x, w: winograd.conv3x3(x, w, m)
+    tol = {2: 4e-6, 4: 4e-5}[m]  # of the largest magnitude; XLA's own rounding is ~1e-6
+
+    def loss(f):
+        return lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+
+    for a, b in [(ours(x, w), ref(x, w)), *zip(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w))]:
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=0, atol=tol * float(jnp.max(jnp.abs(b))))
+
+
+def test_winograd_block_size_follows_the_measured_wins():
+    """F(4x4) on maps divisible by 4, F(2x2) on even ones (ResNet-50's 14x14 layer3), and the
+    direct convolution on odd maps (7x7) or with fewer tiles than channels (experiments/PERF.md)."""
+    assert winograd.block_size((16, 56, 56, 64), (3, 3, 64, 64)) == 4
+    assert winograd.block_size((16, 14, 14, 256), (3, 3, 256, 256)) == 2
+    assert winograd.block_size((16, 7, 7, 512), (3, 3, 512, 512)) is None
+    assert winograd.block_size((1, 28, 28, 128), (3, 3, 128, 128)) is None  # 49 tiles
+    f = lambda x, w: conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=conv.NHWC)
+    x, w = jnp.zeros((1, 8, 8, 4), jnp.bfloat16), jnp.zeros((3, 3, 4, 4), jnp.bfloat16)
+    assert "convolution" in jax.jit(f).lower(x, w).as_text()  # float32 only
 
 
 def test_strided_pointwise_subsamples_with_a_reduce_window():

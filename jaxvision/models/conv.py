@@ -9,12 +9,15 @@ feature maps of 7x7 and up but slow for three shapes (measured in experiments/PE
     3-35x slower (3x3, 512 channels, 2x2 map: 138 ms against 4 ms) than k*k shifted GEMMs (at
     4x4 it depends on the channels, so 4x4 stays with XLA);
   * depthwise convolutions (one group per channel): 30x slower than k*k shifted multiply-adds,
-    which XLA fuses into a single elementwise loop (and whose gradient is elementwise too).
+    which XLA fuses into a single elementwise loop (and whose gradient is elementwise too);
+  * stride-1 3x3 convolutions on maps of 14x14 and up in float32 (ResNet layers 1-3): Winograd's
+    F(4x4, 3x3) or F(2x2, 3x3) (`winograd.py`), 1.2-2x forward and backward.
 On CPU these cases are rewritten so; everything else, and every case on GPU and TPU (where
 XLA's own convolution emitters are already good), goes to `lax.conv_general_dilated`.
 The GEMMs of 1x1 convolutions and dense layers get a backward pass that chooses which operand
 XLA:CPU transposes for the kernel gradient (`feature_matmul`: 1.2x on whole training steps).
-The rewrite is exact up to float summation order. `lax_only()` turns it off for code that must
+The rewrites are exact up to float summation order (Winograd's transforms add a rounding of
+1e-5 of the output's magnitude). `lax_only()` turns it off for code that must
 see every convolution and dense layer as the lax primitive on its kernel (qwix's int8
 quantization).
 """
@@ -29,6 +32,8 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jaxvision.models import winograd
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 _LOWER = contextvars.ContextVar("jaxvision_conv_lowering", default=True)
@@ -170,5 +175,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
             return shifted_gemms(lhs, rhs, window_strides, pads, precision)
         if feature_group_count == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[2] == 1:
             return depthwise(lhs, rhs, window_strides, pads)
+        if (feature_group_count == 1 and kernel == (3, 3) and tuple(window_strides) == (1, 1)
+                and pads == [(1, 1), (1, 1)] and lhs.dtype == rhs.dtype == jnp.float32
+                and (m := winograd.block_size(lhs.shape, rhs.shape))):
+            return winograd.conv3x3(lhs, rhs, m, precision)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                     dimension_numbers, feature_group_count, precision=precision, **kw)
