@@ -23,6 +23,8 @@ CASES = [  # (size, channels in, channels out, kernel, stride, groups, padding)
     (2, 8, 16, 3, 1, 1, ((1, 1), (1, 1))),  # dense, tiny output: shifted GEMMs
     (1, 8, 16, 3, 1, 1, ((1, 1), (1, 1))),  # 1x1 output: only the centre tap sees input
     (3, 8, 8, 3, 2, 1, ((1, 1), (1, 1))),  # 2x2 output, stride 2
+    (2, 8, 8, 5, 1, 8, "SAME"),  # depthwise on a tiny map: taps that see only padding get no gradient
+    (33, 4, 4, 3, 1, 4, "SAME"),  # depthwise on a map of 32+ rows: its kernel gradient keeps the rows
 ]
 
 

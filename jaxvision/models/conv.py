@@ -153,9 +153,40 @@ def shifted_gemms(x, kernel, strides, pads, precision=None):
     return _tap_sum(x, kernel, strides, pads, lambda v, k: feature_matmul(v, k, 1, precision))
 
 
-def depthwise(x, kernel, strides, pads):
-    """Depthwise convolution (kernel (kh, kw, 1, C)) as kh*kw shifted multiply-adds."""
+def _depthwise(x, kernel, strides, pads):
     return _tap_sum(x, kernel, strides, pads, lambda v, k: v * k[0])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def depthwise(x, kernel, strides, pads):
+    """Depthwise convolution (kernel (kh, kw, 1, C)) as kh*kw shifted multiply-adds.
+
+    Its kernel gradient is one variadic reduction with an output per tap, so XLA reads the input
+    and the output gradient once for all taps; autodiff's kh*kw separate sums read them kh*kw
+    times (2-3x slower per layer). The reduction keeps the batch axis, and the rows of maps of 32
+    rows and more, summed afterwards: XLA:CPU splits a reduction's work over its outputs, and a
+    few hundred channels alone left cores idle (experiments/PERF.md)."""
+    return _depthwise(x, kernel, strides, pads)
+
+
+def _depthwise_fwd(x, kernel, strides, pads):
+    return _depthwise(x, kernel, strides, pads), (x, kernel)
+
+
+def _depthwise_bwd(strides, pads, residuals, dy):
+    x, kernel = residuals
+    dx = jax.vjp(lambda x: _depthwise(x, kernel, strides, pads), x)[1](dy)[0]
+    taps = list(windows(x, kernel.shape[:2], strides, pads))
+    products = [(view * dy).astype(jnp.float32) for _, _, view in taps]
+    axes = (2,) if dy.shape[1] >= 32 else (1, 2)
+    sums = lax.reduce(products, [jnp.float32(0)] * len(taps),
+                      lambda a, b: [p + q for p, q in zip(a, b)], axes)
+    sums = jnp.stack(sums).reshape(len(taps), -1, dy.shape[-1]).sum(axis=1)
+    rows, cols = (jnp.array([tap[k] for tap in taps]) for k in (0, 1))
+    return dx, jnp.zeros_like(kernel).at[rows, cols, 0].set(sums.astype(kernel.dtype))
+
+
+depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -174,7 +205,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         if feature_group_count == 1 and (kernel == (1, 1) or out_pixels <= SMALL_OUTPUT):
             return shifted_gemms(lhs, rhs, window_strides, pads, precision)
         if feature_group_count == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[2] == 1:
-            return depthwise(lhs, rhs, window_strides, pads)
+            return depthwise(lhs, rhs, tuple(window_strides), tuple(map(tuple, pads)))
         if (feature_group_count == 1 and kernel == (3, 3) and tuple(window_strides) == (1, 1)
                 and pads == [(1, 1), (1, 1)] and lhs.dtype == rhs.dtype == jnp.float32
                 and (m := winograd.block_size(lhs.shape, rhs.shape))):
