@@ -12,8 +12,8 @@ Levers:
       the forward) against autodiff of its chain of maxima.
   subsample: the strided 1x1 convolutions' `conv.subsample` (a reduce_window) against a slice.
   attention: ViT's `vit.attention` (heads ahead of tokens) against `jax.nn.dot_product_attention`.
-  depthwise-kernel-gradient: `conv.depthwise`'s backward (one variadic reduction for all taps)
-      against autodiff's (a sum per tap).
+  depthwise-gradient: `conv.depthwise`'s backward (the kernel gradient as one variadic reduction
+      for all taps, the input gradient of 5x5 kernels by the rotated kernel) against autodiff's.
   winograd: stride-1 3x3 convolutions by `winograd.conv3x3` against XLA's direct convolution.
 """
 
@@ -37,7 +37,7 @@ LEVERS = {
     "max-pool-gradient": lambda: unittest.mock.patch.object(layers, "max_pool", layers.max_pool.fun),
     "subsample": lambda: unittest.mock.patch.object(conv, "subsample", lambda x, s: x[:, ::s[0], ::s[1], :]),
     "attention": lambda: unittest.mock.patch.object(vit, "attention", jax.nn.dot_product_attention),
-    "depthwise-kernel-gradient": lambda: unittest.mock.patch.object(conv, "depthwise", conv._depthwise),
+    "depthwise-gradient": lambda: unittest.mock.patch.object(conv, "depthwise", conv._depthwise),
     "winograd": lambda: unittest.mock.patch.object(winograd, "block_size", lambda x_shape, w_shape: None),
 }
 

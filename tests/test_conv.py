@@ -25,6 +25,8 @@ CASES = [  # (size, channels in, channels out, kernel, stride, groups, padding)
     (3, 8, 8, 3, 2, 1, ((1, 1), (1, 1))),  # 2x2 output, stride 2
     (2, 8, 8, 5, 1, 8, "SAME"),  # depthwise on a tiny map: taps that see only padding get no gradient
     (33, 4, 4, 3, 1, 4, "SAME"),  # depthwise on a map of 32+ rows: its kernel gradient keeps the rows
+    (9, 4, 4, 5, 1, 4, ((1, 3), (2, 2))),  # depthwise 5x5: input gradient by the rotated kernel
+    (6, 4, 4, 5, 1, 4, ((5, 0), (0, 0))),  # padding beyond the kernel: autodiff's input gradient
 ]
 
 

@@ -161,6 +161,9 @@ def _depthwise(x, kernel, strides, pads):
 def depthwise(x, kernel, strides, pads):
     """Depthwise convolution (kernel (kh, kw, 1, C)) as kh*kw shifted multiply-adds.
 
+    Its input gradient, for stride 1 and kernels larger than 3x3, is the same shifted form on the
+    output gradient with the kernel rotated by 180 degrees: 3x faster than autodiff's transposed
+    taps for 5x5 (13 -> 4 ms at 28x28x240), while for 3x3 autodiff's is as fast or faster.
     Its kernel gradient is one variadic reduction with an output per tap, so XLA reads the input
     and the output gradient once for all taps; autodiff's kh*kw separate sums read them kh*kw
     times (2-3x slower per layer). The reduction keeps the batch axis, and the rows of maps of 32
@@ -175,8 +178,13 @@ def _depthwise_fwd(x, kernel, strides, pads):
 
 def _depthwise_bwd(strides, pads, residuals, dy):
     x, kernel = residuals
-    dx = jax.vjp(lambda x: _depthwise(x, kernel, strides, pads), x)[1](dy)[0]
-    taps = list(windows(x, kernel.shape[:2], strides, pads))
+    kh, kw = kernel.shape[:2]
+    back = [(k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip((kh, kw), pads)]  # the transpose's padding
+    if strides == (1, 1) and kh * kw > 9 and min(map(min, back)) >= 0:
+        dx = _depthwise(dy, jnp.flip(kernel, (0, 1)), strides, back)  # correlation, rotated kernel
+    else:
+        dx = jax.vjp(lambda x: _depthwise(x, kernel, strides, pads), x)[1](dy)[0]
+    taps = list(windows(x, (kh, kw), strides, pads))
     products = [(view * dy).astype(jnp.float32) for _, _, view in taps]
     axes = (2,) if dy.shape[1] >= 32 else (1, 2)
     sums = lax.reduce(products, [jnp.float32(0)] * len(taps),
