@@ -105,12 +105,14 @@ def test_winograd_block_size_follows_the_measured_wins():
 
 
 def test_strided_pointwise_subsamples_with_a_reduce_window():
-    """Not a slice: XLA:CPU fuses a slice's producers into the transposed copy the kernel gradient
-    reads (see `conv.subsample`)."""
+    """Not a slice under differentiation: XLA:CPU fuses a slice's producers into the transposed copy
+    the kernel gradient reads (see `conv.subsample`); a slice without."""
     f = lambda x, w: conv.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=conv.NHWC)
     jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(f(x, w)), (0, 1)))(jnp.ones((1, 8, 8, 4)), jnp.ones((1, 1, 4, 8)))
     names = {e.primitive.name for e in jaxpr.eqns}
     assert "reduce_window_sum" in names and not names & {"slice", "conv_general_dilated"}
+    inference = jax.jit(f).lower(jnp.ones((1, 8, 8, 4)), jnp.ones((1, 1, 4, 8))).as_text()
+    assert "slice" in inference and "reduce_window" not in inference  # free for XLA's GEMM
 
 
 @pytest.mark.parametrize("shape,axis,features", [

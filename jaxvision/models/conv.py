@@ -138,13 +138,33 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
 
 
 def subsample(x, strides):
-    """x[:, ::sh, ::sw, :], as a reduce_window, which XLA:CPU does not fuse into its consumers.
-    As a slice it was fused into the transposed copy that a strided 1x1 convolution's kernel
-    gradient reads, and that copy re-derived the residual stream the slice came from, three
-    blocks deep (ResNet-50 training: 1.01-1.04x; experiments/PERF.md)."""
+    """x[:, ::sh, ::sw, :]. Under differentiation the forward is a reduce_window, which XLA:CPU
+    does not fuse into its consumers: as a slice it was fused into the transposed copy that a
+    strided 1x1 convolution's kernel gradient reads, and that copy re-derived the residual stream
+    the slice came from, three blocks deep (ResNet-50 training: 1.01-1.04x). Without
+    differentiation the slice stays, which XLA hands to the GEMM for free (the reduce_window cost
+    7 ms at 56x56x256; experiments/PERF.md)."""
     if tuple(strides) == (1, 1):
         return x
-    return lax.reduce_window(x, 0.0, lax.add, (1, 1, 1, 1), (1, *strides, 1), "VALID")
+    return _subsample(x, tuple(strides), x.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _subsample(x, strides, shape):
+    return x[:, ::strides[0], ::strides[1], :]
+
+
+def _subsample_fwd(x, strides, shape):
+    return lax.reduce_window(x, 0.0, lax.add, (1, 1, 1, 1), (1, *strides, 1), "VALID"), None
+
+
+def _subsample_bwd(strides, shape, residuals, dy):
+    """Spreads the gradient back with zeros between (interior padding) and after."""
+    edges = [(0, n - 1 - (m - 1) * s, s - 1) for n, m, s in zip(shape[1:3], dy.shape[1:3], strides)]
+    return (lax.pad(dy, jnp.zeros((), dy.dtype), [(0, 0, 0), *edges, (0, 0, 0)]),)
+
+
+_subsample.defvjp(_subsample_fwd, _subsample_bwd)
 
 
 def shifted_gemms(x, kernel, strides, pads, precision=None):
