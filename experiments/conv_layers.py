@@ -26,7 +26,7 @@ from jaxvision import hostmem
 from jaxvision.models import conv
 
 # (height, channels in, channels out, kernel, stride, groups): groups == channels is depthwise.
-SHAPES = [(56, 64, 64, 1, 1, 1), (56, 256, 64, 1, 1, 1), (14, 256, 1024, 1, 1, 1),
+SHAPES = [(56, 64, 64, 1, 1, 1), (56, 256, 64, 1, 1, 1), (14, 256, 1024, 1, 1, 1), (56, 256, 512, 1, 2, 1),
           (56, 64, 64, 3, 1, 1), (28, 128, 128, 3, 1, 1), (14, 256, 256, 3, 1, 1), (7, 512, 512, 3, 1, 1),
           (112, 32, 32, 3, 1, 32), (56, 144, 144, 3, 1, 144), (28, 240, 240, 5, 1, 240),
           (112, 96, 96, 3, 2, 96)]
