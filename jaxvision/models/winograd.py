@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 # Finite interpolation points of the Toom-Cook construction for each output block size m (the
-# last point is infinity). For m = 4, +-1/2 instead of the textbook +-2 keeps the transforms'
-# coefficients near 1 (Barabasz et al., 2020, "Error analysis and improving the accuracy of
-# Winograd convolution for deep neural networks").
+# last point is infinity). For m = 4, +-1/2 instead of the textbook +-2, after Barabasz et al.
+# (2020, "Error analysis and improving the accuracy of Winograd convolution for deep neural
+# networks"), who found them more accurate; on ResNet-50's layer1 shapes the two rounded alike.
 POINTS = {2: (0.0, 1.0, -1.0), 4: (0.0, 1.0, -1.0, 0.5, -0.5)}
 
 
