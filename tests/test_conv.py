@@ -99,6 +99,8 @@ def test_winograd_block_size_follows_the_measured_wins():
     assert winograd.block_size((16, 14, 14, 256), (3, 3, 256, 256)) == 2
     assert winograd.block_size((16, 7, 7, 512), (3, 3, 512, 512)) is None
     assert winograd.block_size((1, 28, 28, 128), (3, 3, 128, 128)) is None  # 49 tiles
+    assert winograd.block_size(jax.export.symbolic_shape("b, 56, 56, 64"), (3, 3, 64, 64)) == 4
+    assert winograd.block_size(jax.export.symbolic_shape("b, 28, 28, 128"), (3, 3, 128, 128)) is None
     f = lambda x, w: conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=conv.NHWC)
     x, w = jnp.zeros((1, 8, 8, 4), jnp.bfloat16), jnp.zeros((3, 3, 4, 4), jnp.bfloat16)
     assert "convolution" in jax.jit(f).lower(x, w).as_text()  # float32 only

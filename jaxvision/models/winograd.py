@@ -59,8 +59,10 @@ def transforms(m: int, r: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def block_size(x_shape, w_shape) -> int | None:
     """The output block size m for a stride-1 'SAME' 3x3 convolution of these shapes, or None
     where the direct convolution is as fast: odd maps (7x7 would be padded to 8x8, 0.76x) and
-    too few tiles for the kernel transform to pay off."""
+    too few tiles for the kernel transform to pay off. A symbolic batch (a shape-polymorphic
+    export) counts as 1."""
     n, h, w, c = x_shape
+    n = n if isinstance(n, int) else 1
     m = 4 if h % 4 == w % 4 == 0 else 2 if h % 2 == w % 2 == 0 else None
     if m is None or n * (h // m) * (w // m) < max(c, w_shape[-1]):
         return None
