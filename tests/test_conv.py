@@ -59,8 +59,7 @@ def test_pointwise_depthwise_and_tiny_dense_are_rewritten_on_cpu_and_others_are_
 
     assert "convolution" not in hlo(1, 1) and "dot_general" in hlo(1, 1)
     assert "convolution" not in hlo(3, 4)
-    assert "convolution" not in hlo(3, 1)  # Winograd
-    assert "convolution" in hlo(3, 1, size=7) and "convolution" in hlo(3, 2)
+    assert "convolution" in hlo(3, 1) and "convolution" in hlo(3, 2)  # (Winograd: test below)
     assert "convolution" not in hlo(3, 1, size=2) and "convolution" in hlo(3, 1, size=3)
     with conv.lax_only():
         assert "convolution" in hlo(1, 1) and "convolution" in hlo(3, 4)
@@ -94,16 +93,19 @@ def test_winograd_matches_lax_conv(m, shape):
 
 def test_winograd_block_size_follows_the_measured_wins():
     """F(4x4) on maps divisible by 4, F(2x2) on even ones (ResNet-50's 14x14 layer3), and the
-    direct convolution on odd maps (7x7) or with fewer tiles than channels (experiments/PERF.md)."""
+    direct convolution on odd maps (7x7), with fewer tiles than channels, or below MIN_MACS
+    (experiments/PERF.md)."""
     assert winograd.block_size((16, 56, 56, 64), (3, 3, 64, 64)) == 4
     assert winograd.block_size((16, 14, 14, 256), (3, 3, 256, 256)) == 2
     assert winograd.block_size((16, 7, 7, 512), (3, 3, 512, 512)) is None
     assert winograd.block_size((1, 28, 28, 128), (3, 3, 128, 128)) is None  # 49 tiles
-    assert winograd.block_size(jax.export.symbolic_shape("b, 56, 56, 64"), (3, 3, 64, 64)) == 4
-    assert winograd.block_size(jax.export.symbolic_shape("b, 28, 28, 128"), (3, 3, 128, 128)) is None
+    assert winograd.block_size((2, 32, 32, 64), (3, 3, 64, 64)) is None  # 7.5e7 multiply-adds
+    assert winograd.block_size(jax.export.symbolic_shape("b, 112, 112, 64"), (3, 3, 64, 64)) == 4
+    assert winograd.block_size(jax.export.symbolic_shape("b, 48, 48, 32"), (3, 3, 32, 32)) is None
     f = lambda x, w: conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=conv.NHWC)
-    x, w = jnp.zeros((1, 8, 8, 4), jnp.bfloat16), jnp.zeros((3, 3, 4, 4), jnp.bfloat16)
-    assert "convolution" in jax.jit(f).lower(x, w).as_text()  # float32 only
+    x, w = jnp.zeros((4, 64, 64, 64)), jnp.zeros((3, 3, 64, 64))
+    assert "convolution" not in jax.jit(f).lower(x, w).as_text()
+    assert "convolution" in jax.jit(f).lower(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)).as_text()  # float32 only
 
 
 def test_strided_pointwise_subsamples_with_a_reduce_window():

@@ -56,15 +56,20 @@ def transforms(m: int, r: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return at.astype(np.float32), g.astype(np.float32), bt.astype(np.float32)
 
 
+MIN_MACS = 10**8  # multiply-adds of the direct convolution below which it stays direct
+
+
 def block_size(x_shape, w_shape) -> int | None:
     """The output block size m for a stride-1 'SAME' 3x3 convolution of these shapes, or None
-    where the direct convolution is as fast: odd maps (7x7 would be padded to 8x8, 0.76x) and
-    too few tiles for the kernel transform to pay off. A symbolic batch (a shape-polymorphic
-    export) counts as 1."""
+    where the direct convolution is as good: odd maps (7x7 would be padded to 8x8, 0.76x), too
+    few tiles for the kernel transform to pay off, and small convolutions, whose few milliseconds
+    saved per call would take hundreds of steps to repay the compile time (each Winograd layer
+    adds about 0.7 s: ResNet-50's train step 6.8 -> 17.4 s). A symbolic batch (a
+    shape-polymorphic export) counts as 1."""
     n, h, w, c = x_shape
     n = n if isinstance(n, int) else 1
     m = 4 if h % 4 == w % 4 == 0 else 2 if h % 2 == w % 2 == 0 else None
-    if m is None or n * (h // m) * (w // m) < max(c, w_shape[-1]):
+    if m is None or n * (h // m) * (w // m) < max(c, w_shape[-1]) or n * h * w * 9 * c * w_shape[-1] < MIN_MACS:
         return None
     return m
 
