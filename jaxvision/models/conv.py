@@ -224,18 +224,18 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
             == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC))
     plain = (_lowering() and nhwc
              and all(d == 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1))) and not kw)
-    if plain:
-        kernel = rhs.shape[:2]
-        pads = _explicit_padding(padding, lhs.shape[1:3], kernel, window_strides)
-        out_pixels = math.prod(output_size(lhs.shape[1:3], kernel, window_strides, pads))
+    if plain:  # strides and pads as hashable tuples: the custom VJPs take them as static arguments
+        kernel, strides = rhs.shape[:2], tuple(window_strides)
+        pads = tuple(map(tuple, _explicit_padding(padding, lhs.shape[1:3], kernel, strides)))
+        out_pixels = math.prod(output_size(lhs.shape[1:3], kernel, strides, pads))
         if feature_group_count == 1 and kernel == (1, 1) and not any(map(any, pads)):
-            return feature_matmul(subsample(lhs, window_strides), rhs[0, 0], 1, precision)
+            return feature_matmul(subsample(lhs, strides), rhs[0, 0], 1, precision)
         if feature_group_count == 1 and (kernel == (1, 1) or out_pixels <= SMALL_OUTPUT):
-            return shifted_gemms(lhs, rhs, window_strides, pads, precision)
+            return shifted_gemms(lhs, rhs, strides, pads, precision)
         if feature_group_count == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[2] == 1:
-            return depthwise(lhs, rhs, tuple(window_strides), tuple(map(tuple, pads)))
-        if (feature_group_count == 1 and kernel == (3, 3) and tuple(window_strides) == (1, 1)
-                and pads == [(1, 1), (1, 1)] and lhs.dtype == rhs.dtype == jnp.float32
+            return depthwise(lhs, rhs, strides, pads)
+        if (feature_group_count == 1 and kernel == (3, 3) and strides == (1, 1)
+                and pads == ((1, 1), (1, 1)) and lhs.dtype == rhs.dtype == jnp.float32
                 and (m := winograd.block_size(lhs.shape, rhs.shape))):
             return winograd.conv3x3(lhs, rhs, m, precision)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
