@@ -3,8 +3,7 @@
 Winograd's algorithm) and torch.
 
     python experiments/conv_layers.py            # 1x1, 3x3 and depthwise: XLA, jaxvision, torch
-    python experiments/conv_layers.py --dense    # 3x3 and the stem: lax.conv against two GEMM lowerings
-                                                 # (conv.py keeps shifted GEMMs for outputs <= 2x2)
+    python experiments/conv_layers.py --dense    # dense 3x3 and 7x7: lax.conv, one im2col GEMM, torch
 
 Batch 16, float32, channels-last in both frameworks, best of 5 calls after warm-up, host memory in
 huge pages (`jaxvision.hostmem`) as in training. Prints forward and forward+backward milliseconds
@@ -68,30 +67,28 @@ def torch_ms(h, cin, cout, k, stride, groups):
     return fwd, best_ms(both)
 
 
-def im2col(x, w, strides, padding, **_):
-    """Dense convolution as one GEMM over the k*k shifted views concatenated along channels."""
-    views = [v for _, _, v in conv.windows(x, w.shape[:2], strides, padding)]
-    return lax.dot_general(jnp.concatenate(views, -1), w.reshape(-1, w.shape[-1]), (((3,), (0,)), ((), ())))
+DENSE_SHAPES = [(56, 128, 128, 3, 2), (28, 256, 256, 3, 2), (14, 512, 512, 3, 2), (8, 256, 256, 3, 2),
+                (32, 32, 32, 3, 2), (224, 3, 16, 3, 2), (224, 3, 32, 3, 2), (224, 3, 64, 7, 2), (4, 512, 512, 3, 1),
+                (7, 512, 512, 3, 1), (8, 512, 512, 3, 1), (10, 256, 256, 3, 1), (14, 256, 256, 3, 1)]
 
 
 def dense():
-    """Dense convolutions as GEMMs instead of XLA's convolution: rejected from 7x7 maps up, kept
-    for outputs of at most 2x2 (the last rows)."""
-    print("| layer (batch 16) | lax.conv fwd / fwd+bwd ms | im2col GEMM | k*k shifted GEMMs |\n|---|---:|---:|---:|")
-    for h, cin, cout, k, stride in [(56, 64, 64, 3, 1), (28, 128, 128, 3, 1), (14, 256, 256, 3, 1),
-                                    (7, 512, 512, 3, 1), (56, 128, 128, 3, 2), (112, 3, 64, 7, 2),
-                                    (4, 512, 512, 3, 1), (2, 512, 512, 3, 1), (8, 256, 256, 3, 2)]:
+    """Dense convolutions as XLA's convolution and as one GEMM on the patches (`conv.im2col`,
+    which `conv.as_im2col` picks for the stride-2 3x3 rows and the stride-1 ones up to 7x7)."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    print("| layer (batch 16) | lax.conv fwd / fwd+bwd ms | im2col GEMM fwd / fwd+bwd ms | "
+          "torch fwd / fwd+bwd ms |\n|---|---:|---:|---:|")
+    for h, cin, cout, k, stride in DENSE_SHAPES:
         x = jax.random.normal(jax.random.key(0), (16, h, h, cin))
         w = 0.05 * jax.random.normal(jax.random.key(1), (k, k, cin, cout))
-        pads = ((k // 2, k // 2), (k // 2, k // 2))
-
-        def run(impl):
-            return jax_ms(lambda x, w, s, _, **kw: impl(x, w, s, pads, **kw), x, w, stride, 1)
-
-        cells = [run(lax.conv_general_dilated), run(im2col),
-                 run(lambda x, w, s, p, **_: conv.shifted_gemms(x, w, s, p))]
+        pads = ((k // 2, k // 2), (k // 2, k // 2))  # PyTorch's symmetric padding, as the zoo's ResNets
+        cells = [jax_ms(lambda x, w, s, _, **kw: lax.conv_general_dilated(x, w, s, pads, **kw), x, w, stride, 1),
+                 jax_ms(lambda x, w, s, _, **kw: conv.im2col(x, w, s, pads), x, w, stride, 1),
+                 torch_ms(h, cin, cout, k, stride, 1)]
         print(f"| {k}x{k}/{stride}, {h}x{h}, {cin}->{cout} | " +
-              " | ".join(f"{a:.0f} / {b:.0f}" for a, b in cells) + " |", flush=True)
+              " | ".join(f"{a:.1f} / {b:.1f}" for a, b in cells) + " |", flush=True)
 
 
 def main():

@@ -1,6 +1,8 @@
-"""One lever of the CPU lowering, on and off, in the same process: training images/s of both.
+"""One lever of the CPU lowering, on and off, in the same process: training (or inference)
+images/s of both.
 
     python experiments/step_ab.py [--lever kernel-gradient-operand] [--models resnet50 ...] [--rounds 4]
+                                  [--mode inference]
 
 Builds jaxvision's jitted train step (as experiments/bench.py does, batch 16, 224 px, float32)
 twice per model, once as the code is and once with the lever switched off while tracing, then
@@ -15,6 +17,8 @@ Levers:
   depthwise-gradient: `conv.depthwise`'s backward (the kernel gradient as one variadic reduction
       for all taps, the input gradient of 5x5 kernels by the rotated kernel) against autodiff's.
   winograd: stride-1 3x3 convolutions by `winograd.conv3x3` against XLA's direct convolution.
+  im2col: 3x3 convolutions with a stride or on maps up to 7x7 as one GEMM on their patches
+      (`conv.as_im2col`) against XLA's convolution (im2col kept only for 1x1 and 2x2 outputs).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ LEVERS = {
     "attention": lambda: unittest.mock.patch.object(vit, "attention", jax.nn.dot_product_attention),
     "depthwise-gradient": lambda: unittest.mock.patch.object(conv, "depthwise", conv._depthwise),
     "winograd": lambda: unittest.mock.patch.object(winograd, "block_size", lambda x_shape, w_shape: None),
+    "im2col": lambda: unittest.mock.patch.object(
+        conv, "as_im2col", lambda kernel, strides, out, features: kernel == (1, 1) or out[0] * out[1] <= conv.SMALL_OUTPUT),
 }
 
 
@@ -48,20 +54,24 @@ def main():
     parser.add_argument("--models", nargs="+", default=["resnet50", "efficientnet_b0", "mobilenetv3_large_100",
                                                        "vit_small_patch16_224"])
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--mode", choices=("train", "inference"), default="train")
     args = parser.parse_args()
-    print(f"# `python experiments/step_ab.py --lever {args.lever} --rounds {args.rounds}`: training img/s, "
-          "batch 16, 224 px, float32, same process\n")
+    print(f"# `python experiments/step_ab.py --lever {args.lever} --mode {args.mode} --rounds {args.rounds}`: "
+          f"{args.mode} img/s, batch 16, 224 px, float32, same process\n")
     print("| model | lever off | lever on | ratio |\n|---|---:|---:|---:|")
     for name in args.models:
         benches = {}
         for on in (True, False):
             with contextlib.nullcontext() if on else LEVERS[args.lever]():
-                benches[on] = JaxBench(name, 16, 224)  # traced and compiled here
+                benches[on] = JaxBench(name, 16, 224)  # the train step is traced and compiled here
+                run = getattr(benches[on], args.mode)
+                run()  # (inference is traced at its first call: inside the lever's context too)
         times = {True: [], False: []}
         for r in range(args.rounds):
             for on in ((True, False) if r % 2 else (False, True)):
-                benches[on].train()
-                times[on].append(timed(benches[on].train, 2))
+                run = getattr(benches[on], args.mode)
+                run()
+                times[on].append(timed(run, 2))
         off, on = (16 / statistics.median(times[k]) for k in (False, True))
         print(f"| {name} | {off:.2f} | {on:.2f} | {on / off:.2f} |", flush=True)
         del benches

@@ -20,9 +20,12 @@ CASES = [  # (size, channels in, channels out, kernel, stride, groups, padding)
     (10, 16, 8, 1, 1, 1, "SAME"),  # fewer channels out: the kernel gradient's other operand order
     (9, 8, 16, 1, 2, 1, ((0, 0), (0, 0))),
     (10, 8, 16, 1, 2, 1, "SAME"),
-    (2, 8, 16, 3, 1, 1, ((1, 1), (1, 1))),  # dense, tiny output: shifted GEMMs
+    (2, 8, 16, 3, 1, 1, ((1, 1), (1, 1))),  # dense, tiny output: im2col
     (1, 8, 16, 3, 1, 1, ((1, 1), (1, 1))),  # 1x1 output: only the centre tap sees input
     (3, 8, 8, 3, 2, 1, ((1, 1), (1, 1))),  # 2x2 output, stride 2
+    (12, 8, 32, 3, 2, 1, ((1, 1), (1, 1))),  # stride-2 3x3 (ResNet downsampling): im2col
+    (11, 3, 32, 3, 2, 1, "SAME"),  # stride 2, TensorFlow's asymmetric padding, 3 channels (a stem)
+    (7, 16, 32, 3, 1, 1, ((1, 1), (1, 1))),  # stride 1 on a 7x7 map (ResNet-50's layer4): im2col
     (2, 8, 8, 5, 1, 8, "SAME"),  # depthwise on a tiny map: taps that see only padding get no gradient
     (33, 4, 4, 3, 1, 4, "SAME"),  # depthwise on a map of 32+ rows: its kernel gradient keeps the rows
     (9, 4, 4, 5, 1, 4, ((1, 3), (2, 2))),  # depthwise 5x5: input gradient by the rotated kernel
@@ -48,12 +51,12 @@ def test_lowering_matches_lax_conv(size, cin, cout, k, stride, groups, padding):
         np.testing.assert_allclose(g_ours, g_ref, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(g_ref))))
 
 
-def test_pointwise_depthwise_and_tiny_dense_are_rewritten_on_cpu_and_others_are_not():
+def test_pointwise_depthwise_and_small_or_strided_dense_are_rewritten_on_cpu_and_others_are_not():
     """The rewrite is what makes them fast: no convolution left in the HLO for those."""
-    def hlo(k, groups, size=8):
+    def hlo(k, groups, size=8, stride=1, features=4):
         x = jnp.zeros((1, size, size, 4))
-        w = jnp.zeros((k, k, 4 // groups, 4))
-        f = lambda x, w: conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=conv.NHWC,
+        w = jnp.zeros((k, k, 4 // groups, features))
+        f = lambda x, w: conv.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=conv.NHWC,
                                                    feature_group_count=groups)
         return jax.jit(f).lower(x, w).as_text()
 
@@ -61,6 +64,10 @@ def test_pointwise_depthwise_and_tiny_dense_are_rewritten_on_cpu_and_others_are_
     assert "convolution" not in hlo(3, 4)
     assert "convolution" in hlo(3, 1) and "convolution" in hlo(3, 2)  # (Winograd: test below)
     assert "convolution" not in hlo(3, 1, size=2) and "convolution" in hlo(3, 1, size=3)
+    assert "convolution" not in hlo(3, 1, size=7, features=32) and "dot_general" in hlo(3, 1, size=7, features=32)
+    assert "convolution" not in hlo(3, 1, size=32, stride=2, features=32)
+    assert "convolution" in hlo(3, 1, size=32, stride=2, features=16)  # too narrow a GEMM
+    assert "convolution" in hlo(7, 1, size=32, stride=2) and "convolution" in hlo(5, 1, size=32)
     with conv.lax_only():
         assert "convolution" in hlo(1, 1) and "convolution" in hlo(3, 4)
     assert "convolution" not in hlo(1, 1)

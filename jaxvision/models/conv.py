@@ -6,8 +6,9 @@ feature maps of 7x7 and up but slow for three shapes (measured in experiments/PE
   * 1x1 (pointwise) convolutions: 5-8x slower than the same product written as a matrix
     multiply, which XLA:CPU runs as one GEMM;
   * dense convolutions with a tiny output (at most 2x2, the last stage of a ResNet at 64 px):
-    3-35x slower (3x3, 512 channels, 2x2 map: 138 ms against 4 ms) than k*k shifted GEMMs (at
-    4x4 it depends on the channels, so 4x4 stays with XLA);
+    3-35x slower (3x3, 512 channels, 2x2 map: 138 ms against 4 ms) than one GEMM on the
+    patches (im2col), and 3x3 convolutions with stride 2 or on maps of at most 7x7 (ResNet-50's
+    downsampling and layer4 convolutions): 1.1-1.4x slower forward and backward than im2col;
   * depthwise convolutions (one group per channel): 30x slower than k*k shifted multiply-adds,
     which XLA fuses into a single elementwise loop (and whose gradient is elementwise too);
   * stride-1 3x3 convolutions on maps of 14x14 and up in float32 (ResNet layers 1-3): Winograd's
@@ -84,13 +85,24 @@ def windows(x, kernel, strides, pads, fill=0.0):
                 yield i, j, x[:, i:i + (out_h - 1) * sh + 1:sh, j:j + (out_w - 1) * sw + 1:sw, :]
 
 
-SMALL_OUTPUT = 4  # output pixels up to which a dense convolution becomes shifted GEMMs (2x2)
+SMALL_OUTPUT = 4  # output pixels up to which any dense convolution becomes im2col (2x2)
+SMALL_MAP = 7  # output side up to which a stride-1 3x3 convolution becomes im2col
 
 
-def _tap_sum(x, kernel, strides, pads, term):
-    """Sum over the kernel taps (i, j) of term(view, kernel[i, j])."""
-    return functools.reduce(jnp.add, (term(view, kernel[i, j])
-                                      for i, j, view in windows(x, kernel.shape[:2], strides, pads)))
+def as_im2col(kernel, strides, out_size, features) -> bool:
+    """Whether a dense convolution (no groups) with `features` outputs is faster as one GEMM on
+    its patches than as XLA:CPU's: always for a 1x1 kernel or an output of at most 2x2; for 3x3
+    kernels with a stride (XLA's input gradient of those is a dilated convolution in Eigen's
+    slow path) and on stride-1 maps of up to 7x7, if the GEMM is wide enough (32+ features) to repay writing the patches. Forward and
+    backward, batch 16, two runs (`python experiments/conv_layers.py --dense`): ResNet-50's
+    stride-2 3x3 layers 87-120 -> 86-94, 73 -> 69, 71-74 -> 62 ms, its 7x7x512 layers 66-72 ->
+    62-64 ms, EfficientNet's stem (3x3/2, 3 -> 32) 40-52 -> 24-36 ms; MobileNetV3's stem
+    (3 -> 16) 20-32 -> 22-33 ms, so it stays; from 8x8 XLA's is as fast or faster (and Winograd's
+    more so); the 7x7 stride-2 stem is 5-15% slower as im2col (its patches are 49/4 times the
+    input)."""
+    if kernel == (1, 1) or math.prod(out_size) <= SMALL_OUTPUT:
+        return True
+    return kernel == (3, 3) and features >= 32 and (strides != (1, 1) or max(out_size) <= SMALL_MAP)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -167,14 +179,19 @@ def _subsample_bwd(strides, shape, residuals, dy):
 _subsample.defvjp(_subsample_fwd, _subsample_bwd)
 
 
-def shifted_gemms(x, kernel, strides, pads, precision=None):
-    """Dense convolution as one matrix multiply over channels per kernel tap, summed (a 1x1
-    convolution is a single GEMM)."""
-    return _tap_sum(x, kernel, strides, pads, lambda v, k: feature_matmul(v, k, 1, precision))
+def im2col(x, kernel, strides, pads, precision=None):
+    """Dense convolution as one GEMM: the k*k shifted views of the input side by side along
+    channels (the patches) times the kernel's taps stacked the same way. Taps that see only
+    padding are left out with their kernel rows. Autodiff gives the input gradient as one GEMM
+    and the patches' transpose (a sum of padded views), which XLA fuses into one pass."""
+    taps = list(windows(x, kernel.shape[:2], strides, pads))
+    patches = jnp.concatenate([v for _, _, v in taps], -1)
+    return feature_matmul(patches, jnp.concatenate([kernel[i, j] for i, j, _ in taps]), 1, precision)
 
 
 def _depthwise(x, kernel, strides, pads):
-    return _tap_sum(x, kernel, strides, pads, lambda v, k: v * k[0])
+    return functools.reduce(jnp.add, (view * kernel[i, j, 0]
+                                      for i, j, view in windows(x, kernel.shape[:2], strides, pads)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -227,11 +244,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if plain:  # strides and pads as hashable tuples: the custom VJPs take them as static arguments
         kernel, strides = rhs.shape[:2], tuple(window_strides)
         pads = tuple(map(tuple, _explicit_padding(padding, lhs.shape[1:3], kernel, strides)))
-        out_pixels = math.prod(output_size(lhs.shape[1:3], kernel, strides, pads))
+        out_size = output_size(lhs.shape[1:3], kernel, strides, pads)
         if feature_group_count == 1 and kernel == (1, 1) and not any(map(any, pads)):
             return feature_matmul(subsample(lhs, strides), rhs[0, 0], 1, precision)
-        if feature_group_count == 1 and (kernel == (1, 1) or out_pixels <= SMALL_OUTPUT):
-            return shifted_gemms(lhs, rhs, strides, pads, precision)
+        if feature_group_count == 1 and as_im2col(kernel, strides, out_size, rhs.shape[-1]):
+            return im2col(lhs, rhs, strides, pads, precision)
         if feature_group_count == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[2] == 1:
             return depthwise(lhs, rhs, strides, pads)
         if (feature_group_count == 1 and kernel == (3, 3) and strides == (1, 1)
