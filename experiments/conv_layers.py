@@ -3,7 +3,7 @@
 Winograd's algorithm) and torch.
 
     python experiments/conv_layers.py            # 1x1, 3x3 and depthwise: XLA, jaxvision, torch
-    python experiments/conv_layers.py --dense    # dense 3x3 and 7x7: lax.conv, one im2col GEMM, torch
+    python experiments/conv_layers.py --dense    # dense 3x3, 7x7, patch embeddings: lax.conv, one GEMM, torch
 
 Batch 16, float32, channels-last in both frameworks, best of 5 calls after warm-up, host memory in
 huge pages (`jaxvision.hostmem`) as in training. Prints forward and forward+backward milliseconds
@@ -51,12 +51,13 @@ def jax_ms(impl, x, w, stride, groups):
             best_ms(lambda: jax.block_until_ready(both(x, w))))
 
 
-def torch_ms(h, cin, cout, k, stride, groups):
+def torch_ms(h, cin, cout, k, stride, groups, padding=None):
     import torch
 
     x = torch.randn(16, cin, h, h).contiguous(memory_format=torch.channels_last).requires_grad_()
     w = torch.randn(cout, cin // groups, k, k, requires_grad=True)
-    f = lambda: torch.nn.functional.conv2d(x, w, stride=stride, padding=k // 2, groups=groups)
+    padding = k // 2 if padding is None else padding
+    f = lambda: torch.nn.functional.conv2d(x, w, stride=stride, padding=padding, groups=groups)
 
     def both():
         y = f()
@@ -69,12 +70,14 @@ def torch_ms(h, cin, cout, k, stride, groups):
 
 DENSE_SHAPES = [(56, 128, 128, 3, 2), (28, 256, 256, 3, 2), (14, 512, 512, 3, 2), (8, 256, 256, 3, 2),
                 (32, 32, 32, 3, 2), (224, 3, 16, 3, 2), (224, 3, 32, 3, 2), (224, 3, 64, 7, 2), (4, 512, 512, 3, 1),
-                (7, 512, 512, 3, 1), (8, 512, 512, 3, 1), (10, 256, 256, 3, 1), (14, 256, 256, 3, 1)]
+                (7, 512, 512, 3, 1), (8, 512, 512, 3, 1), (10, 256, 256, 3, 1), (14, 256, 256, 3, 1),
+                (224, 3, 384, 16, 16), (224, 3, 96, 4, 4)]  # stride = kernel: `conv.patch_matmul`
 
 
 def dense():
     """Dense convolutions as XLA's convolution and as one GEMM on the patches (`conv.im2col`,
-    which `conv.as_im2col` picks for the stride-2 3x3 rows and the stride-1 ones up to 7x7)."""
+    which `conv.as_im2col` picks for the stride-2 3x3 rows and the stride-1 ones up to 7x7; for
+    the last two rows, patch embeddings, `conv.patch_matmul`)."""
     import torch
 
     torch.set_num_threads(os.cpu_count())
@@ -83,10 +86,12 @@ def dense():
     for h, cin, cout, k, stride in DENSE_SHAPES:
         x = jax.random.normal(jax.random.key(0), (16, h, h, cin))
         w = 0.05 * jax.random.normal(jax.random.key(1), (k, k, cin, cout))
-        pads = ((k // 2, k // 2), (k // 2, k // 2))  # PyTorch's symmetric padding, as the zoo's ResNets
+        p = 0 if k == stride else k // 2  # PyTorch's symmetric padding, as the zoo's CNNs
+        pads = ((p, p), (p, p))
+        gemm = (lambda x, w, s, _, **kw: conv.patch_matmul(x, w)) if k == stride else (
+            lambda x, w, s, _, **kw: conv.im2col(x, w, s, pads))
         cells = [jax_ms(lambda x, w, s, _, **kw: lax.conv_general_dilated(x, w, s, pads, **kw), x, w, stride, 1),
-                 jax_ms(lambda x, w, s, _, **kw: conv.im2col(x, w, s, pads), x, w, stride, 1),
-                 torch_ms(h, cin, cout, k, stride, 1)]
+                 jax_ms(gemm, x, w, stride, 1), torch_ms(h, cin, cout, k, stride, 1, p)]
         print(f"| {k}x{k}/{stride}, {h}x{h}, {cin}->{cout} | " +
               " | ".join(f"{a:.1f} / {b:.1f}" for a, b in cells) + " |", flush=True)
 

@@ -17,6 +17,8 @@ Levers:
   depthwise-gradient: `conv.depthwise`'s backward (the kernel gradient as one variadic reduction
       for all taps, the input gradient of 5x5 kernels by the rotated kernel) against autodiff's.
   winograd: stride-1 3x3 convolutions by `winograd.conv3x3` against XLA's direct convolution.
+  patch-embedding: convolutions whose stride is their kernel by `conv.patch_matmul` (a reshape
+      and a GEMM) against XLA's convolution.
   im2col: 3x3 convolutions with a stride or on maps up to 7x7 as one GEMM on their patches
       (`conv.as_im2col`) against XLA's convolution (im2col kept only for 1x1 and 2x2 outputs).
 """
@@ -29,6 +31,7 @@ import statistics
 import unittest.mock
 
 import jax
+from jax import lax
 
 from bench import JaxBench, timed
 from jaxvision import hostmem
@@ -43,6 +46,9 @@ LEVERS = {
     "attention": lambda: unittest.mock.patch.object(vit, "attention", jax.nn.dot_product_attention),
     "depthwise-gradient": lambda: unittest.mock.patch.object(conv, "depthwise", conv._depthwise),
     "winograd": lambda: unittest.mock.patch.object(winograd, "block_size", lambda x_shape, w_shape: None),
+    "patch-embedding": lambda: unittest.mock.patch.object(
+        conv, "patch_matmul", lambda x, k, precision=None: lax.conv_general_dilated(
+            x, k, k.shape[:2], "VALID", dimension_numbers=conv.NHWC, precision=precision)),
     "im2col": lambda: unittest.mock.patch.object(
         conv, "as_im2col", lambda kernel, strides, out, features: kernel == (1, 1) or out[0] * out[1] <= conv.SMALL_OUTPUT),
 }

@@ -26,6 +26,8 @@ CASES = [  # (size, channels in, channels out, kernel, stride, groups, padding)
     (12, 8, 32, 3, 2, 1, ((1, 1), (1, 1))),  # stride-2 3x3 (ResNet downsampling): im2col
     (11, 3, 32, 3, 2, 1, "SAME"),  # stride 2, TensorFlow's asymmetric padding, 3 channels (a stem)
     (7, 16, 32, 3, 1, 1, ((1, 1), (1, 1))),  # stride 1 on a 7x7 map (ResNet-50's layer4): im2col
+    (8, 3, 16, 4, 4, 1, "VALID"),  # stride = kernel (a patch embedding): reshape and GEMM
+    (10, 4, 8, 4, 4, 1, ((0, 0), (0, 0))),  # ... with rows and columns no patch covers
     (2, 8, 8, 5, 1, 8, "SAME"),  # depthwise on a tiny map: taps that see only padding get no gradient
     (33, 4, 4, 3, 1, 4, "SAME"),  # depthwise on a map of 32+ rows: its kernel gradient keeps the rows
     (9, 4, 4, 5, 1, 4, ((1, 3), (2, 2))),  # depthwise 5x5: input gradient by the rotated kernel
@@ -68,6 +70,7 @@ def test_pointwise_depthwise_and_small_or_strided_dense_are_rewritten_on_cpu_and
     assert "convolution" not in hlo(3, 1, size=32, stride=2, features=32)
     assert "convolution" in hlo(3, 1, size=32, stride=2, features=16)  # too narrow a GEMM
     assert "convolution" in hlo(7, 1, size=32, stride=2) and "convolution" in hlo(5, 1, size=32)
+    assert "convolution" not in hlo(4, 1, size=16, stride=4)  # "SAME" here has no padding: patches
     with conv.lax_only():
         assert "convolution" in hlo(1, 1) and "convolution" in hlo(3, 4)
     assert "convolution" not in hlo(1, 1)

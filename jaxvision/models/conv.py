@@ -2,7 +2,7 @@
 zoo Conv uses, the `dot_general` every zoo DenseGeneral uses).
 
 XLA:CPU hands a convolution to its Eigen kernels, which are fast for dense 3x3 convolutions on
-feature maps of 7x7 and up but slow for three shapes (measured in experiments/PERF.md):
+feature maps of 7x7 and up but slow for these (measured in experiments/PERF.md):
   * 1x1 (pointwise) convolutions: 5-8x slower than the same product written as a matrix
     multiply, which XLA:CPU runs as one GEMM;
   * dense convolutions with a tiny output (at most 2x2, the last stage of a ResNet at 64 px):
@@ -11,6 +11,8 @@ feature maps of 7x7 and up but slow for three shapes (measured in experiments/PE
     downsampling and layer4 convolutions): 1.1-1.4x slower forward and backward than im2col;
   * depthwise convolutions (one group per channel): 30x slower than k*k shifted multiply-adds,
     which XLA fuses into a single elementwise loop (and whose gradient is elementwise too);
+  * convolutions whose stride is their kernel (patch embeddings): 1.4-2x slower forward, and
+    far slower backward, than a reshape into patches and one GEMM;
   * stride-1 3x3 convolutions on maps of 14x14 and up in float32 (ResNet layers 1-3): Winograd's
     F(4x4, 3x3) or F(2x2, 3x3) (`winograd.py`), 1.2-2x forward and backward.
 On CPU these cases are rewritten so; everything else, and every case on GPU and TPU (where
@@ -189,6 +191,19 @@ def im2col(x, kernel, strides, pads, precision=None):
     return feature_matmul(patches, jnp.concatenate([kernel[i, j] for i, j, _ in taps]), 1, precision)
 
 
+def patch_matmul(x, kernel, precision=None):
+    """A convolution whose stride is its kernel, unpadded (ViT's patch embedding, the 4x4 stems
+    and 2x2 downsampling of ConvNeXt and Swin): the input cut into its non-overlapping patches by
+    a reshape, then one GEMM. Batch 16 at 224 px, forward / forward and backward against XLA's
+    convolution (`python experiments/conv_layers.py --dense`): ViT-S's 16x16 patches 15 -> 11 /
+    208 -> 33 ms, a 4x4 stem with 96 features 7.4 -> 3.6 / 32 -> 12 ms."""
+    (kh, kw), (n, h, w, c) = kernel.shape[:2], x.shape
+    x = x[:, :h - h % kh, :w - w % kw]  # rows and columns no patch covers, as 'VALID' drops them
+    x = x.reshape(n, h // kh, kh, w // kw, kw, c).transpose(0, 1, 3, 2, 4, 5)
+    return feature_matmul(x.reshape(n, h // kh, w // kw, kh * kw * c), kernel.reshape(-1, kernel.shape[-1]), 1,
+                          precision)
+
+
 def _depthwise(x, kernel, strides, pads):
     return functools.reduce(jnp.add, (view * kernel[i, j, 0]
                                       for i, j, view in windows(x, kernel.shape[:2], strides, pads)))
@@ -247,6 +262,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         out_size = output_size(lhs.shape[1:3], kernel, strides, pads)
         if feature_group_count == 1 and kernel == (1, 1) and not any(map(any, pads)):
             return feature_matmul(subsample(lhs, strides), rhs[0, 0], 1, precision)
+        if feature_group_count == 1 and strides == kernel and not any(map(any, pads)):
+            return patch_matmul(lhs, rhs, precision)
         if feature_group_count == 1 and as_im2col(kernel, strides, out_size, rhs.shape[-1]):
             return im2col(lhs, rhs, strides, pads, precision)
         if feature_group_count == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[2] == 1:
