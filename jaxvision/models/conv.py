@@ -8,7 +8,7 @@ feature maps of 7x7 and up but slow for these (measured in experiments/PERF.md):
   * dense convolutions with a tiny output (at most 2x2, the last stage of a ResNet at 64 px):
     3-35x slower (3x3, 512 channels, 2x2 map: 138 ms against 4 ms) than one GEMM on the
     patches (im2col), and 3x3 convolutions with stride 2 or on maps of at most 7x7 (ResNet-50's
-    downsampling and layer4 convolutions): 1.1-1.4x slower forward and backward than im2col;
+    downsampling and layer4 convolutions): up to 1.7x slower forward and backward than im2col;
   * depthwise convolutions (one group per channel): 30x slower than k*k shifted multiply-adds,
     which XLA fuses into a single elementwise loop (and whose gradient is elementwise too);
   * convolutions whose stride is their kernel (patch embeddings): 1.4-2x slower forward, and
@@ -94,14 +94,14 @@ SMALL_MAP = 7  # output side up to which a stride-1 3x3 convolution becomes im2c
 def as_im2col(kernel, strides, out_size, features) -> bool:
     """Whether a dense convolution (no groups) with `features` outputs is faster as one GEMM on
     its patches than as XLA:CPU's: always for a 1x1 kernel or an output of at most 2x2; for 3x3
-    kernels with a stride (XLA's input gradient of those is a dilated convolution in Eigen's
-    slow path) and on stride-1 maps of up to 7x7, if the GEMM is wide enough (32+ features) to repay writing the patches. Forward and
-    backward, batch 16, two runs (`python experiments/conv_layers.py --dense`): ResNet-50's
-    stride-2 3x3 layers 87-120 -> 86-94, 73 -> 69, 71-74 -> 62 ms, its 7x7x512 layers 66-72 ->
-    62-64 ms, EfficientNet's stem (3x3/2, 3 -> 32) 40-52 -> 24-36 ms; MobileNetV3's stem
-    (3 -> 16) 20-32 -> 22-33 ms, so it stays; from 8x8 XLA's is as fast or faster (and Winograd's
-    more so); the 7x7 stride-2 stem is 5-15% slower as im2col (its patches are 49/4 times the
-    input)."""
+    kernels with a stride (XLA's input gradient of those is a dilated convolution in Eigen's slow
+    path) and on stride-1 maps of up to 7x7, if the GEMM is wide enough (32+ features) to repay
+    writing the patches. Forward and backward, batch 16, three runs (`python
+    experiments/conv_layers.py --dense`): ResNet-50's stride-2 3x3 layers 87-120 -> 86-94,
+    73-76 -> 69-71, 71-74 -> 62-63 ms, its 7x7x512 layers 66-72 -> 62-64 ms, EfficientNet's stem
+    (3x3/2, 3 -> 32) 40-52 -> 24-36 ms; MobileNetV3's stem (3 -> 16) is faster in XLA (20-32
+    against 22-33 ms), from 8x8 XLA's is as fast or faster (and Winograd's more so), and the 7x7
+    stride-2 stem is 5-20% slower as im2col (its patches are 49/4 times the input)."""
     if kernel == (1, 1) or math.prod(out_size) <= SMALL_OUTPUT:
         return True
     return kernel == (3, 3) and features >= 32 and (strides != (1, 1) or max(out_size) <= SMALL_MAP)
