@@ -259,16 +259,16 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if plain:  # strides and pads as hashable tuples: the custom VJPs take them as static arguments
         kernel, strides = rhs.shape[:2], tuple(window_strides)
         pads = tuple(map(tuple, _explicit_padding(padding, lhs.shape[1:3], kernel, strides)))
-        out_size = output_size(lhs.shape[1:3], kernel, strides, pads)
-        if feature_group_count == 1 and kernel == (1, 1) and not any(map(any, pads)):
+        dense, unpadded = feature_group_count == 1, not any(map(any, pads))
+        if dense and kernel == (1, 1) and unpadded:
             return feature_matmul(subsample(lhs, strides), rhs[0, 0], 1, precision)
-        if feature_group_count == 1 and strides == kernel and not any(map(any, pads)):
+        if dense and strides == kernel and unpadded:
             return patch_matmul(lhs, rhs, precision)
-        if feature_group_count == 1 and as_im2col(kernel, strides, out_size, rhs.shape[-1]):
+        if dense and as_im2col(kernel, strides, output_size(lhs.shape[1:3], kernel, strides, pads), rhs.shape[-1]):
             return im2col(lhs, rhs, strides, pads, precision)
         if feature_group_count == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[2] == 1:
             return depthwise(lhs, rhs, strides, pads)
-        if (feature_group_count == 1 and kernel == (3, 3) and strides == (1, 1)
+        if (dense and kernel == (3, 3) and strides == (1, 1)
                 and pads == ((1, 1), (1, 1)) and lhs.dtype == rhs.dtype == jnp.float32
                 and (m := winograd.block_size(lhs.shape, rhs.shape))):
             return winograd.conv3x3(lhs, rhs, m, precision)
