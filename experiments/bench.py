@@ -1,12 +1,15 @@
 """jaxvision against timm on this machine, in the same run, alternating.
 
     python experiments/bench.py [--models resnet50 ...] [--batch 16] [--size 224] [--rounds 3] [--isolate]
+                                [--dtype bfloat16]
 
 For each model: training images/s (forward, backward, SGD-momentum update; jaxvision's own jitted
 train step with donated state) and inference images/s, each the median over `rounds` alternating
 rounds after warm-up; jaxvision's compile time, XLA's FLOPs per step and memory estimate;
-parameters. Also the float32 matrix-multiply rate of this machine (jnp.dot and torch.mm of
-2048x2048, best of several), and each model's achieved training FLOP/s as a share of it.
+parameters. Also the matrix-multiply rate of this machine in the same dtype (jnp.dot and torch.mm
+of 2048x2048, best of several), and each model's achieved training FLOP/s as a share of it.
+`--dtype bfloat16` runs jaxvision's models with bfloat16 compute and timm's under torch.autocast.
+Both processes get the host-memory setting of `jaxvision.hostmem` (tcmalloc when installed).
 Prints a markdown table (ratios are jaxvision / timm). Needs the `parity` extra (torch, timm).
 Threads: both frameworks use every core (`--threads` to change torch's). Sharing one process,
 they disturb each other through torch's OpenMP wait policy: spinning threads (ACTIVE) steal the
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -48,15 +52,16 @@ def timed(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def matmul_rate(framework: str, n: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of the best of `repeats` float32 n x n matrix products."""
+def matmul_rate(framework: str, dtype: str = "float32", n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of the best of `repeats` n x n matrix products in `dtype` (bfloat16: float32 results,
+    as a mixed-precision layer accumulates)."""
     if framework == "jax":
-        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-        f = jax.jit(lambda x: x @ x)
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+        f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
         run = lambda: f(a).block_until_ready()  # noqa: E731
     else:
         import torch
-        t = torch.randn(n, n)
+        t = torch.randn(n, n).to(getattr(torch, dtype))
         run = lambda: torch.mm(t, t)  # noqa: E731
     run()
     return 2 * n ** 3 / min(timed(run, 1) for _ in range(repeats))
@@ -89,7 +94,8 @@ class JaxBench:
                              + mem.output_size_in_bytes - mem.alias_size_in_bytes)
         self.infer = jax.jit(lambda v, x: self.model.apply(v, step_lib.normalize(x, card.mean, card.std)))
         self.params = models.count_params(self.state.params)
-        self.train(), self.inference()  # warm-up
+        for _ in range(2):  # warm-up: the second step is the first to reuse memory the allocator kept
+            self.train(), self.inference()
 
     def train(self):
         self.state, metrics = self.train_step(self.state, self.batch)
@@ -100,11 +106,19 @@ class JaxBench:
 
 
 class TorchBench:
-    def __init__(self, name: str, batch: int, size: int):
+    """timm's model in float32, or with `dtype="bfloat16"` under `torch.autocast` (PyTorch's mixed
+    precision: bfloat16 matrix products and convolutions, float32 parameters), as jaxvision's
+    `dtype=bfloat16` computes in bfloat16 with float32 parameters."""
+
+    def __init__(self, name: str, batch: int, size: int, dtype: str = "float32"):
+        import contextlib
+
         import timm
         import torch
 
         self.torch = torch
+        self.precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bfloat16" \
+            else contextlib.nullcontext
         self.model = timm.create_model(name, pretrained=False)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         self.x = torch.randn(batch, 3, size, size)
@@ -115,24 +129,36 @@ class TorchBench:
     def train(self):
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
-        loss = self.torch.nn.functional.cross_entropy(self.model(self.x), self.y)
+        with self.precision():
+            loss = self.torch.nn.functional.cross_entropy(self.model(self.x), self.y)
         loss.backward()
         self.opt.step()
 
     def inference(self):
         self.model.eval()
-        with self.torch.inference_mode():
+        with self.torch.inference_mode(), self.precision():
             self.model(self.x)
 
 
+def page_faults() -> tuple[int, float]:
+    """(minor page faults, system CPU seconds) of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt, usage.ru_stime
+
+
 def jax_only(args) -> None:
-    """jaxvision alone, medians over `rounds`, one JSON line per model."""
+    """jaxvision alone, medians over `rounds`, one JSON line per model, with the page faults and
+    kernel time per training step (memory the allocator returned to the system and takes back)."""
     for name in args.models:
         ours = JaxBench(name, args.batch, args.size, args.dtype)
+        faults, sys_seconds = page_faults()
         train = statistics.median(timed(ours.train, args.train_steps) for _ in range(args.rounds))
+        steps = args.rounds * args.train_steps
+        faults, sys_seconds = ((now - before) / steps for now, before in zip(page_faults(), (faults, sys_seconds)))
         infer = statistics.median(timed(ours.inference, args.infer_steps) for _ in range(args.rounds))
         print(json.dumps({"model": name, "train": args.batch / train, "infer": args.batch / infer,
-                          "compile": ours.compile_seconds}), flush=True)
+                          "compile": ours.compile_seconds, "faults_per_step": faults,
+                          "sys_seconds_per_step": sys_seconds}), flush=True)
 
 
 def describe(bench) -> dict:
@@ -149,7 +175,7 @@ class Worker:
 
     def __init__(self, framework: str, args):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--batch", str(args.batch),
-               "--size", str(args.size), "--threads", str(args.threads)]
+               "--size", str(args.size), "--threads", str(args.threads), "--dtype", args.dtype]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.ask("ready")  # imports done: nothing of this worker runs during the other's turn
 
@@ -175,12 +201,12 @@ def serve_worker(args) -> None:
     for line in sys.stdin:
         command, *rest = line.split()
         if command == "setup":
-            bench = (JaxBench if args.worker == "jax" else TorchBench)(rest[0], args.batch, args.size)
+            bench = (JaxBench if args.worker == "jax" else TorchBench)(rest[0], args.batch, args.size, args.dtype)
             reply = describe(bench)
         elif command == "ready":
             reply = {}
         elif command == "matmul":
-            reply = {"rate": matmul_rate(args.worker)}
+            reply = {"rate": matmul_rate(args.worker, args.dtype)}
         else:  # one untimed call first: see the module docstring
             fn = bench.train if command == "train" else bench.inference
             fn()
@@ -217,10 +243,11 @@ def shared_rows(args):
     """(matmul rates, rows) with both frameworks in this process, alternating."""
     import torch
     torch.set_num_threads(args.threads)
-    rates = (matmul_rate("jax"), matmul_rate("torch"))
+    rates = (matmul_rate("jax", args.dtype), matmul_rate("torch", args.dtype))
     rows = []
     for name in args.models:
-        ours, ref = JaxBench(name, args.batch, args.size), TorchBench(name, args.batch, args.size)
+        ours = JaxBench(name, args.batch, args.size, args.dtype)
+        ref = TorchBench(name, args.batch, args.size, args.dtype)
         times = {k: [] for k in ("jt", "tt", "ji", "ti")}
         for r in range(args.rounds):
             pairs = [(ours, ref), (ref, ours)][r % 2]  # alternate who goes first
@@ -252,7 +279,8 @@ def main():
     parser.add_argument("--train-steps", type=int, default=2, help="timed train steps per round")
     parser.add_argument("--infer-steps", type=int, default=4, help="timed inference batches per round")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--dtype", default="float32", help="jaxvision compute dtype (with --jax-only)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="compute dtype of both: jaxvision's model dtype, timm under torch.autocast")
     parser.add_argument("--jax-only", action="store_true",
                         help="no timm: print one JSON line per model (for experiments/xla_flags.py)")
     parser.add_argument("--isolate", action="store_true",
@@ -270,10 +298,11 @@ def main():
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     how = "--isolate" if args.isolate else "one process"
     print(f"\n# jaxvision vs timm (`python experiments/bench.py --batch {args.batch} --size {args.size} "
-          f"--rounds {args.rounds}{' ' + how if args.isolate else ''}`)\n")
+          f"--rounds {args.rounds}{' --dtype bfloat16' if args.dtype == 'bfloat16' else ''}"
+          f"{' ' + how if args.isolate else ''}`)\n")
     print(f"Machine: {os.cpu_count()} cores ({cpu}), jax {jax.__version__}, torch {torch.__version__}, "
           f"{args.threads} torch threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), "
-          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', 'unset')} (both frameworks), {how}; float32, batch {args.batch}, {args.size} px. Float32 matmul "
+          f"malloc {os.environ.get(hostmem.MARK, 'system')} (both frameworks), {how}; {args.dtype}, batch {args.batch}, {args.size} px. {args.dtype.capitalize()} matmul "
           f"(2048^3): {jax_rate / 1e9:.0f} GFLOP/s in XLA, {torch_rate / 1e9:.0f} GFLOP/s in torch.\n")
     print("| model | params (ours = timm) | train img/s jaxvision | train img/s timm | ratio | "
           "infer img/s jaxvision | infer img/s timm | ratio | compile s | train GFLOP/img (XLA) | "
@@ -287,5 +316,5 @@ def main():
 
 if __name__ == "__main__":
     from jaxvision import hostmem
-    hostmem.relaunch_with_huge_pages()  # as jaxvision.main does; the timm worker inherits it too
+    hostmem.relaunch()  # as jaxvision.main does; the timm worker inherits it too
     main()

@@ -116,5 +116,5 @@ def main():
 
 
 if __name__ == "__main__":
-    hostmem.relaunch_with_huge_pages()  # as `jaxvision.main` and bench.py run
+    hostmem.relaunch()  # as `jaxvision.main` and bench.py run
     main()

@@ -1,22 +1,36 @@
-"""Transparent huge pages for host memory (the buffers of XLA:CPU, the input pipeline's batches).
+"""Host memory that stays mapped from one step to the next (the buffers of XLA:CPU, the input
+pipeline's batches).
 
-XLA:CPU allocates every intermediate of a step with malloc, and glibc serves large blocks with a
-fresh mmap that it unmaps on free: each step touches its gigabytes of temporaries page by page,
-4 KiB at a time, and the page faults cost more than the arithmetic on the memory-bound layers
-(an elementwise op on 51 MB: 18 ms, 5 ms with huge pages; EfficientNet-B0 training 1.42x faster:
-`python experiments/huge_pages.py`). glibc >= 2.35 advises the kernel to back them with 2 MiB pages when
-`GLIBC_TUNABLES` holds `glibc.malloc.hugetlb=1`, which it reads only at process start, so the
-entry point restarts itself once with it (`relaunch_with_huge_pages`). `JAXVISION_HUGEPAGES=0`
-turns this off.
+XLA:CPU mallocs every intermediate of a step and frees it at the end. glibc serves blocks above
+its mmap threshold (at most 32 MiB) with a fresh mapping and unmaps it on free, so every step
+faults its gigabytes of temporaries in again and the kernel zeroes each page: on this project's
+2-core VM, 500,000 page faults and 0.8 s of kernel time per EfficientNet-B0 training step of
+1.2 s (`python experiments/host_memory.py`). An allocator that keeps freed memory removes both.
+
+`JAXVISION_MALLOC` picks how, when an entry point calls `relaunch()` (the environment of the
+dynamic loader and of glibc is read only at process start, so the process restarts itself once):
+  auto      tcmalloc if the system has it (Debian/Ubuntu: `apt install libtcmalloc-minimal4`),
+            else `huge`; the default
+  tcmalloc  LD_PRELOAD tcmalloc with TCMALLOC_RELEASE_RATE=0: freed memory is kept and reused,
+            no page faults after the first steps (training 1.23x ViT-S, 1.79x EfficientNet-B0)
+  huge      glibc with 2 MiB transparent huge pages (glibc.malloc.hugetlb=1, glibc >= 2.35):
+            500x fewer faults, but the kernel still zeroes every page of every step
+  system    leave the process as it is
+glibc alone cannot keep the memory: its mmap threshold stops at 32 MiB, and serving every block
+from its main heap (mmap_max=0, arena_max=1, no trimming) fragments it, up to 12 GiB for
+ResNet-50's 2.5 GiB step (experiments/PERF.md).
 """
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 import sys
 
-TUNABLE = "glibc.malloc.hugetlb=1"
-THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+MODES = ("auto", "tcmalloc", "huge", "system")
+TCMALLOC_LIBRARIES = ("tcmalloc_minimal", "tcmalloc")
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
+MARK = "JAXVISION_MALLOC_APPLIED"  # set in the restarted process: restart only once
 
 
 def _glibc_version() -> tuple[int, ...]:
@@ -27,32 +41,45 @@ def _glibc_version() -> tuple[int, ...]:
     return tuple(int(p) for p in version.split(".")[:2]) if name == "glibc" else ()
 
 
-def _thp_mode(path: str = THP_SETTING) -> str:
-    """The kernel's transparent-huge-page mode: always, madvise, never ('' if unknown)."""
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError:
-        return ""
-    return text[text.find("[") + 1:text.find("]")] if "[" in text else ""
+def find_tcmalloc() -> str | None:
+    """The soname of a tcmalloc the dynamic loader can find, or None."""
+    return next(filter(None, map(ctypes.util.find_library, TCMALLOC_LIBRARIES)), None)
 
 
-def huge_pages_env(env: dict, glibc: tuple[int, ...], thp: str) -> dict | None:
-    """`env` with the tunable added, or None when it is not needed or cannot work: opted out,
-    already set, glibc without the tunable (< 2.35), or a kernel whose THP mode is not madvise
-    (`always` already gives every large mapping huge pages, `never` gives none)."""
-    tunables = env.get("GLIBC_TUNABLES", "")
-    if (env.get("JAXVISION_HUGEPAGES", "1") == "0" or "glibc.malloc.hugetlb" in tunables
-            or glibc < (2, 35) or thp != "madvise"):
+def malloc_env(env: dict, tcmalloc: str | None, glibc: tuple[int, ...]) -> dict | None:
+    """`env` for the restarted process, or None when nothing is to change: mode `system`, already
+    applied, the user's own LD_PRELOAD or GLIBC_TUNABLES for malloc (their choice stands), not
+    glibc, or a mode this system cannot give (tcmalloc missing, glibc < 2.35 for `huge`)."""
+    mode = env.get("JAXVISION_MALLOC", "auto")
+    if mode not in MODES:
+        raise ValueError(f"JAXVISION_MALLOC={mode!r}: expected one of {', '.join(MODES)}")
+    preload, tunables = env.get("LD_PRELOAD", ""), env.get("GLIBC_TUNABLES", "")
+    if mode == "system" or MARK in env or "malloc" in preload or "glibc.malloc" in tunables or not glibc:
         return None
-    return {**env, "GLIBC_TUNABLES": f"{tunables}:{TUNABLE}" if tunables else TUNABLE}
+    if mode == "auto":
+        mode = "tcmalloc" if tcmalloc else "huge"
+    if mode == "tcmalloc":
+        if not tcmalloc:
+            return None
+        return {**env, MARK: mode, "LD_PRELOAD": f"{tcmalloc}:{preload}" if preload else tcmalloc,
+                "TCMALLOC_RELEASE_RATE": env.get("TCMALLOC_RELEASE_RATE", "0")}
+    if glibc < (2, 35):  # the first glibc with the hugetlb tunable
+        return None
+    return {**env, MARK: mode, "GLIBC_TUNABLES": f"{tunables}:{HUGE_PAGES}" if tunables else HUGE_PAGES}
 
 
-def relaunch_with_huge_pages() -> None:
-    """Replace this process by the same command line with the tunable set, when it helps.
-    Call it first thing in an entry point: nothing before it survives (the pid does)."""
-    env = huge_pages_env(dict(os.environ), _glibc_version(), _thp_mode())
-    if env is not None and sys.platform == "linux":
+def relaunch() -> None:
+    """Replace this process by the same command line in the environment `JAXVISION_MALLOC` asks
+    for, when it changes anything. Call it first thing in an entry point: nothing before it
+    survives (the pid does)."""
+    if sys.platform != "linux":
+        return
+    tcmalloc = find_tcmalloc()
+    if os.environ.get("JAXVISION_MALLOC") == "tcmalloc" and not tcmalloc and MARK not in os.environ:
+        print("jaxvision: JAXVISION_MALLOC=tcmalloc but no tcmalloc library was found; running with "
+              "the system allocator (Debian/Ubuntu: apt install libtcmalloc-minimal4)", file=sys.stderr)
+    env = malloc_env(dict(os.environ), tcmalloc, _glibc_version())
+    if env is not None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, sys.orig_argv, env)

@@ -75,5 +75,5 @@ def parse_flags(argv):
 
 if __name__ == "__main__":
     from jaxvision import hostmem
-    hostmem.relaunch_with_huge_pages()
+    hostmem.relaunch()
     app.run(main, flags_parser=parse_flags)

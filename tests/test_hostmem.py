@@ -1,5 +1,5 @@
-"""Huge pages for host memory: when the entry point restarts itself, and that the restart both
-keeps the command line and really gives large allocations 2 MiB pages."""
+"""Host memory: which environment the entry point restarts itself in, and that the restart keeps
+the command line and really stops the page faults of a step's memory the second time round."""
 
 import json
 import os
@@ -11,60 +11,80 @@ import pytest
 from jaxvision import hostmem
 
 GLIBC = hostmem._glibc_version()
-SUPPORTED = sys.platform == "linux" and GLIBC >= (2, 35) and hostmem._thp_mode() == "madvise"
+TCMALLOC = hostmem.find_tcmalloc()
+THP = "/sys/kernel/mm/transparent_hugepage/enabled"
+THP_MODE = open(THP).read() if os.path.exists(THP) else ""
+THP_ALWAYS, THP_NEVER = "[always]" in THP_MODE, "[always]" not in THP_MODE and "[madvise]" not in THP_MODE
 
 
-@pytest.mark.parametrize("env, glibc, thp, expected", [
-    ({}, (2, 36), "madvise", hostmem.TUNABLE),
-    ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}, (2, 36), "madvise",
-     "glibc.malloc.trim_threshold=1:" + hostmem.TUNABLE),
-    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, (2, 36), "madvise", None),  # the user's choice stands
-    ({"JAXVISION_HUGEPAGES": "0"}, (2, 36), "madvise", None),
-    ({}, (2, 31), "madvise", None),  # glibc without the tunable
-    ({}, (), "madvise", None),  # not glibc
-    ({}, (2, 36), "always", None),  # every large mapping gets huge pages already
-    ({}, (2, 36), "never", None),
+@pytest.mark.parametrize("env, tcmalloc, glibc, expected", [
+    ({}, "libtcmalloc_minimal.so.4", (2, 36), {"LD_PRELOAD": "libtcmalloc_minimal.so.4", "TCMALLOC_RELEASE_RATE": "0"}),
+    ({}, None, (2, 36), {"GLIBC_TUNABLES": hostmem.HUGE_PAGES}),  # auto without tcmalloc
+    ({"LD_PRELOAD": "libfoo.so"}, "libtcmalloc.so.4", (2, 36),
+     {"LD_PRELOAD": "libtcmalloc.so.4:libfoo.so", "TCMALLOC_RELEASE_RATE": "0"}),
+    ({"GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=1", "JAXVISION_MALLOC": "huge"}, "libtcmalloc.so.4", (2, 36),
+     {"GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=1:glibc.malloc.hugetlb=1"}),
+    ({"JAXVISION_MALLOC": "huge"}, None, (2, 31), None),  # glibc without the tunable
+    ({"JAXVISION_MALLOC": "tcmalloc"}, None, (2, 36), None),  # asked for, not installed
+    ({"JAXVISION_MALLOC": "system"}, "libtcmalloc.so.4", (2, 36), None),
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, None, (2, 36), None),  # the user's choice stands
+    ({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, "libtcmalloc.so.4", (2, 36), None),
+    ({hostmem.MARK: "huge"}, None, (2, 36), None),  # restarted already
+    ({}, None, (), None),  # not glibc
 ])
-def test_when_the_tunable_is_added(env, glibc, thp, expected):
-    out = hostmem.huge_pages_env(env, glibc, thp)
-    assert (out and out["GLIBC_TUNABLES"]) == expected
-    if out:
-        others = lambda d: {k: v for k, v in d.items() if k != "GLIBC_TUNABLES"}  # noqa: E731
-        assert others(out) == others(env)
+def test_the_restarted_environment(env, tcmalloc, glibc, expected):
+    out = hostmem.malloc_env(env, tcmalloc, glibc)
+    if expected is None:
+        assert out is None
+        return
+    changed = {k: v for k, v in out.items() if env.get(k) != v}
+    assert changed.pop(hostmem.MARK) in hostmem.MODES
+    assert changed == expected
 
 
-def test_thp_mode_reads_the_bracketed_setting(tmp_path):
-    path = tmp_path / "enabled"
-    path.write_text("always [madvise] never\n")
-    assert hostmem._thp_mode(str(path)) == "madvise"
-    assert hostmem._thp_mode(str(tmp_path / "missing")) == ""
+def test_an_unknown_mode_is_named():
+    with pytest.raises(ValueError, match="JAXVISION_MALLOC='fast'.*auto, tcmalloc, huge, system"):
+        hostmem.malloc_env({"JAXVISION_MALLOC": "fast"}, None, (2, 36))
 
 
-# After the relaunch: the tunable, the original arguments, and huge pages under a 64 MiB malloc.
+# After the restart: the mode, the original arguments, and the page faults of mallocing, touching
+# and freeing 64 MiB (above glibc's largest mmap threshold) for the second time.
 CHILD = """
 import sys
 from jaxvision import hostmem
-hostmem.relaunch_with_huge_pages()
-import ctypes, json, os
+hostmem.relaunch()
+import ctypes, json, os, resource
 libc = ctypes.CDLL(None)
-libc.malloc.restype = ctypes.c_void_p
-ctypes.memset(libc.malloc(64 * 2 ** 20), 1, 64 * 2 ** 20)  # (numpy would madvise by itself)
-huge = sum(int(line.split()[1]) for line in open("/proc/self/smaps") if line.startswith("AnonHugePages:"))
-print(json.dumps([os.environ.get("GLIBC_TUNABLES", ""), sys.argv[1:], huge]))
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+def step():
+    block = libc.malloc(64 * 2 ** 20)
+    ctypes.memset(block, 1, 64 * 2 ** 20)
+    libc.free(block)
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+step()
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(json.dumps([os.environ.get(hostmem.MARK, "system"), sys.argv[1:], faults]))
 """
 
+MODES = ["system"] + (["huge"] if GLIBC >= (2, 35) and not THP_NEVER else []) + (["tcmalloc"] if TCMALLOC else [])
 
-@pytest.mark.skipif(not SUPPORTED, reason="needs Linux, glibc >= 2.35 and THP in madvise mode")
-@pytest.mark.parametrize("opt_out", [False, True])
-def test_relaunch_gives_large_allocations_huge_pages(opt_out):
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAXVISION_HUGEPAGES")}
-    if opt_out:
-        env["JAXVISION_HUGEPAGES"] = "0"
+
+@pytest.mark.skipif(sys.platform != "linux" or not GLIBC, reason="needs Linux with glibc")
+@pytest.mark.parametrize("mode", MODES)
+def test_restart_stops_the_page_faults(mode):
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", hostmem.MARK)}
+    env["JAXVISION_MALLOC"] = mode
     out = subprocess.run([sys.executable, "-c", CHILD, "--flag", "x y"], env=env, capture_output=True,
                          text=True, check=True).stdout
-    tunables, argv, huge_kib = json.loads(out)
+    applied, argv, faults = json.loads(out)
     assert argv == ["--flag", "x y"]
-    if opt_out:
-        assert tunables == "" and huge_kib < 32 * 1024
+    assert applied == mode
+    pages_4k = 64 * 2 ** 20 // 4096
+    if mode == "tcmalloc":
+        assert faults < 10  # kept mapped
+    elif mode == "huge" or THP_ALWAYS:
+        assert faults < pages_4k // 10  # mapped afresh, mostly in 2 MiB pages (500-600 faults)
     else:
-        assert tunables == hostmem.TUNABLE and huge_kib >= 32 * 1024
+        assert faults >= pages_4k // 2  # mapped afresh, a fault per 4 KiB page
