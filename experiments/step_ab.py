@@ -13,7 +13,9 @@ Levers:
   max-pool-gradient: `layers.max_pool`'s backward (to the first maximum, from an index saved by
       the forward) against autodiff of its chain of maxima.
   subsample: the strided 1x1 convolutions' `conv.subsample` (a reduce_window) against a slice.
-  attention: ViT's `vit.attention` (heads ahead of tokens) against `jax.nn.dot_product_attention`.
+  attention: ViT's `vit.attention` on CPU (heads ahead of tokens, the softmax normalised after the
+      product with v, FlashAttention's backward) against `jax.nn.dot_product_attention`.
+  gelu-erf: `layers.gelu` (PyTorch's erf form) against `nn.gelu(approximate=False)` (erfc).
   depthwise-gradient: `conv.depthwise`'s backward (the kernel gradient as one variadic reduction
       for all taps, the input gradient of 5x5 kernels by the rotated kernel) against autodiff's.
   winograd: stride-1 3x3 convolutions by `winograd.conv3x3` against XLA's direct convolution.
@@ -27,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 import unittest.mock
 
+import flax.linen as nn
 import jax
 from jax import lax
 
@@ -50,6 +54,7 @@ LEVERS = {
     "max-pool-gradient": lambda: unittest.mock.patch.object(layers, "max_pool", layers.max_pool.fun),
     "subsample": lambda: unittest.mock.patch.object(conv, "subsample", lambda x, s: x[:, ::s[0], ::s[1], :]),
     "attention": lambda: unittest.mock.patch.object(vit, "attention", jax.nn.dot_product_attention),
+    "gelu-erf": lambda: unittest.mock.patch.dict(layers.ACTIVATIONS, gelu=functools.partial(nn.gelu, approximate=False)),
     "depthwise-gradient": lambda: unittest.mock.patch.object(conv, "depthwise", conv._depthwise),
     "winograd": lambda: unittest.mock.patch.object(winograd, "block_size", lambda x_shape, w_shape: None),
     "patch-embedding": lambda: unittest.mock.patch.object(
@@ -87,5 +92,5 @@ def main():
 
 
 if __name__ == "__main__":
-    hostmem.relaunch_with_huge_pages()
+    hostmem.relaunch()
     main()

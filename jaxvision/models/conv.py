@@ -52,7 +52,7 @@ def lax_only():
         _LOWER.reset(token)
 
 
-def _lowering() -> bool:
+def lowering() -> bool:
     """Whether the rewrites apply: on the CPU backend, outside `lax_only()`."""
     return _LOWER.get() and jax.default_backend() == "cpu"
 
@@ -144,7 +144,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     contraction of trailing input axes with leading kernel axes is `feature_matmul` on CPU."""
     (lc, rc), (lb, rb) = dimension_numbers
     n = len(lc)
-    if (_lowering() and not lb and not rb and preferred_element_type is None
+    if (lowering() and not lb and not rb and preferred_element_type is None
             and tuple(lc) == tuple(range(lhs.ndim - n, lhs.ndim)) and tuple(rc) == tuple(range(n))):
         return feature_matmul(lhs, rhs, n, precision)
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
@@ -254,7 +254,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     """Drop-in for `lax.conv_general_dilated` (as `nn.Conv(conv_general_dilated=...)`)."""
     nhwc = (lhs.ndim == 4 and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
             == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC))
-    plain = (_lowering() and nhwc
+    plain = (lowering() and nhwc
              and all(d == 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1))) and not kw)
     if plain:  # strides and pads as hashable tuples: the custom VJPs take them as static arguments
         kernel, strides = rhs.shape[:2], tuple(window_strides)

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxvision.models import layers
+from jaxvision.models import conv, layers
 from jaxvision.models.registry import HALF, ModelCard, register
 
 
@@ -32,14 +32,54 @@ def resample_pos_embed(pos, num_prefix: int, grid: tuple[int, int]):
 
 
 def attention(q, k, v):
-    """Softmax attention over (batch, tokens, heads, head_dim) queries, keys and values, with the
-    heads moved ahead of the tokens once: XLA:CPU then runs both batched products on contiguous
-    (tokens, head_dim) matrices. ViT-S's attention, forward and backward: 54 -> 31 ms against
-    `jax.nn.dot_product_attention` (experiments/PERF.md). Logits and softmax in float32."""
+    """Softmax attention over (batch, tokens, heads, head_dim) queries, keys and values; logits and
+    softmax in float32. On CPU `_cpu_attention`, elsewhere `jax.nn.dot_product_attention` (cuDNN
+    or XLA's fused kernels on GPU and TPU)."""
+    if not conv.lowering():
+        return jax.nn.dot_product_attention(q, k, v)
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q * q.shape[-1] ** -0.5, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
+    return _cpu_attention(q * q.shape[-1] ** -0.5, k, v).transpose(0, 2, 1, 3)
+
+
+def _attention_forward(q, k, v):
+    """(output, unnormalised probabilities e, row sums l) of heads-first (b, h, n, d) inputs; q is
+    already scaled. The normalisation divides the (n, d) output instead of the (n, n) probabilities."""
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    e = jnp.exp(s - s.max(-1, keepdims=True))
+    l = e.sum(-1)
+    o = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (o / l[..., None]).astype(v.dtype), e, l
+
+
+@jax.custom_vjp
+def _cpu_attention(q, k, v):
+    """Attention on heads-first inputs for XLA:CPU, whose batched matrix products of these sizes
+    run on one core (about 120 GFLOP/s at 197 x 197 x 64): the fewest passes over the (n, n)
+    probabilities. Forward: the softmax normalised after the product with v. Backward, as
+    FlashAttention's: with D = rowsum(dO * O), dS = P * (dP - D), so neither the normalised
+    probabilities nor autodiff's broadcasts of the softmax are materialised. ViT-S's attention,
+    batch 16, forward 10 -> 6 ms (experiments/PERF.md)."""
+    return _attention_forward(q, k, v)[0]
+
+
+def _cpu_attention_fwd(q, k, v):
+    o, e, l = _attention_forward(q, k, v)
+    return o, (q, k, v, o, e, l)
+
+
+def _cpu_attention_bwd(residuals, do):
+    q, k, v, o, e, l = residuals
+    inv = 1.0 / l[..., None]
+    do32 = do.astype(jnp.float32)
+    dv = jnp.einsum("bhqk,bhqd->bhkd", e, do32 * inv)
+    dp = jnp.einsum("bhqd,bhkd->bhqk", do, v, preferred_element_type=jnp.float32)
+    ds = e * inv * (dp - jnp.sum(do32 * o.astype(jnp.float32), -1, keepdims=True))
+    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k.astype(jnp.float32))
+    dk = jnp.einsum("bhqk,bhqd->bhkd", ds, q.astype(jnp.float32))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_cpu_attention.defvjp(_cpu_attention_fwd, _cpu_attention_bwd)
 
 
 class Attention(layers.ZooModule, kw_only=True):
