@@ -15,6 +15,8 @@ Levers:
   subsample: the strided 1x1 convolutions' `conv.subsample` (a reduce_window) against a slice.
   attention: ViT's `vit.attention` on CPU (heads ahead of tokens, the softmax normalised after the
       product with v, FlashAttention's backward) against `jax.nn.dot_product_attention`.
+  bf16-accumulate (with --dtype bfloat16): `conv.feature_matmul`'s half-precision GEMMs with
+      float32 results cast back, against a bfloat16 result.
   gelu-erf: `layers.gelu` (PyTorch's erf form) against `nn.gelu(approximate=False)` (erfc).
   depthwise-gradient: `conv.depthwise`'s backward (the kernel gradient as one variadic reduction
       for all taps, the input gradient of 5x5 kernels by the rotated kernel) against autodiff's.
@@ -54,6 +56,8 @@ LEVERS = {
     "max-pool-gradient": lambda: unittest.mock.patch.object(layers, "max_pool", layers.max_pool.fun),
     "subsample": lambda: unittest.mock.patch.object(conv, "subsample", lambda x, s: x[:, ::s[0], ::s[1], :]),
     "attention": lambda: unittest.mock.patch.object(vit, "attention", jax.nn.dot_product_attention),
+    "bf16-accumulate": lambda: unittest.mock.patch.object(
+        conv, "_dot", lambda a, b, dims, precision: lax.dot_general(a, b, dims, precision=precision)),
     "gelu-erf": lambda: unittest.mock.patch.dict(layers.ACTIVATIONS, gelu=functools.partial(nn.gelu, approximate=False)),
     "depthwise-gradient": lambda: unittest.mock.patch.object(conv, "depthwise", conv._depthwise),
     "winograd": lambda: unittest.mock.patch.object(winograd, "block_size", lambda x_shape, w_shape: None),
@@ -71,15 +75,17 @@ def main():
                                                        "vit_small_patch16_224"])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--mode", choices=("train", "inference"), default="train")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
-    print(f"# `python experiments/step_ab.py --lever {args.lever} --mode {args.mode} --rounds {args.rounds}`: "
-          f"{args.mode} img/s, batch 16, 224 px, float32, same process\n")
+    print(f"# `python experiments/step_ab.py --lever {args.lever} --mode {args.mode} --dtype {args.dtype} "
+          f"--rounds {args.rounds}`: "
+          f"{args.mode} img/s, batch 16, 224 px, {args.dtype}, same process\n")
     print("| model | lever off | lever on | ratio |\n|---|---:|---:|---:|")
     for name in args.models:
         benches = {}
         for on in (True, False):
             with contextlib.nullcontext() if on else LEVERS[args.lever]():
-                benches[on] = getattr(JaxBench(name, 16, 224), args.mode)  # the train step compiles here
+                benches[on] = getattr(JaxBench(name, 16, 224, args.dtype), args.mode)  # the train step compiles here
                 benches[on]()  # (inference is traced at its first call: inside the lever's context too)
         times = {True: [], False: []}
         for r in range(args.rounds):

@@ -1,5 +1,5 @@
-"""The CPU forms of ViT's attention and GELU equal the library definitions they replace: values,
-and for attention's hand-written backward, every gradient."""
+"""The CPU forms of ViT's attention, GELU and half-precision GEMMs equal the library definitions
+they replace: values, and for the hand-written backward passes, every gradient."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from jaxvision.models import layers, vit
+from jaxvision.models import conv, layers, vit
 
 
 def _qkv(dtype, shape=(2, 7, 3, 8)):
@@ -44,3 +44,20 @@ def test_gelu_is_the_exact_gelu():
     np.testing.assert_allclose(layers.gelu(x), nn.gelu(x, approximate=False), atol=1e-6)
     np.testing.assert_allclose(jax.grad(lambda t: layers.gelu(t).sum())(x),
                                jax.grad(lambda t: nn.gelu(t, approximate=False).sum())(x), atol=1e-6)
+
+
+def test_bfloat16_feature_matmul_accumulates_in_float32_and_returns_bfloat16():
+    """XLA:CPU runs bfloat16 GEMMs at speed only with float32 results (conv._dot); the layer still
+    returns bfloat16, and forward and both gradients equal float32 products rounded once."""
+    x = jax.random.normal(jax.random.key(0), (4, 5, 64)).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (64, 32)).astype(jnp.bfloat16)
+    dy = jax.random.normal(jax.random.key(2), (4, 5, 32)).astype(jnp.bfloat16)
+    out, vjp = jax.vjp(lambda x, w: conv.feature_matmul(x, w), x, w)
+    grads = vjp(dy)
+    assert "preferred_element_type=float32" in str(jax.make_jaxpr(conv.feature_matmul)(x, w))
+    x32, w32, dy32 = (t.astype(jnp.float32) for t in (x, w, dy))
+    expected = (x32 @ w32, dy32 @ w32.T, jnp.einsum("abi,abo->io", x32, dy32))
+    for name, got, want in zip(("output", "dx", "dw"), (out, *grads), expected):
+        assert got.dtype == jnp.bfloat16, name
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want.astype(jnp.bfloat16), np.float32),
+                                   rtol=1e-2, atol=1e-2, err_msg=name)

@@ -69,13 +69,14 @@ def _cpu_attention_fwd(q, k, v):
 
 def _cpu_attention_bwd(residuals, do):
     q, k, v, o, e, l = residuals
+    dt, f32 = v.dtype, jnp.float32  # products in the inputs' dtype, accumulated in float32
     inv = 1.0 / l[..., None]
-    do32 = do.astype(jnp.float32)
-    dv = jnp.einsum("bhqk,bhqd->bhkd", e, do32 * inv)
-    dp = jnp.einsum("bhqd,bhkd->bhqk", do, v, preferred_element_type=jnp.float32)
-    ds = e * inv * (dp - jnp.sum(do32 * o.astype(jnp.float32), -1, keepdims=True))
-    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k.astype(jnp.float32))
-    dk = jnp.einsum("bhqk,bhqd->bhkd", ds, q.astype(jnp.float32))
+    do32 = do.astype(f32)
+    dv = jnp.einsum("bhqk,bhqd->bhkd", e.astype(dt), (do32 * inv).astype(dt), preferred_element_type=f32)
+    dp = jnp.einsum("bhqd,bhkd->bhqk", do, v, preferred_element_type=f32)
+    ds = (e * inv * (dp - jnp.sum(do32 * o.astype(f32), -1, keepdims=True))).astype(dt)
+    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k, preferred_element_type=f32)
+    dk = jnp.einsum("bhqk,bhqd->bhkd", ds, q, preferred_element_type=f32)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
