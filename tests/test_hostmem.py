@@ -88,3 +88,13 @@ def test_restart_stops_the_page_faults(mode):
         assert faults < pages_4k // 10  # mapped afresh, mostly in 2 MiB pages (500-600 faults)
     else:
         assert faults >= pages_4k // 2  # mapped afresh, a fault per 4 KiB page
+
+
+def test_asking_for_a_missing_tcmalloc_says_so_and_runs_on(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(hostmem, "find_tcmalloc", lambda: None)
+    monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("restarted without tcmalloc"))
+    monkeypatch.setenv("JAXVISION_MALLOC", "tcmalloc")
+    monkeypatch.delenv(hostmem.MARK, raising=False)
+    hostmem.relaunch()
+    assert "apt install libtcmalloc-minimal4" in capsys.readouterr().err
