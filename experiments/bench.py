@@ -27,6 +27,7 @@ goes back to the VM's host and faults in again), and a training loop never idles
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -110,8 +111,6 @@ class TorchBench:
     `dtype=bfloat16` computes in bfloat16 with float32 parameters."""
 
     def __init__(self, name: str, batch: int, size: int, dtype: str = "float32"):
-        import contextlib
-
         import timm
         import torch
 
@@ -163,10 +162,10 @@ def jax_only(args) -> None:
     kernel time per training step (memory the allocator returned to the system and takes back)."""
     for name in args.models:
         ours = JaxBench(name, args.batch, args.size, args.dtype)
-        faults, sys_seconds = page_faults()
+        before = page_faults()
         train = statistics.median(timed(ours.train, args.train_steps) for _ in range(args.rounds))
         steps = args.rounds * args.train_steps
-        faults, sys_seconds = ((now - before) / steps for now, before in zip(page_faults(), (faults, sys_seconds)))
+        faults, sys_seconds = ((now - then) / steps for now, then in zip(page_faults(), before))
         infer = statistics.median(timed(ours.inference, args.infer_steps) for _ in range(args.rounds))
         print(json.dumps({"model": name, "train": args.batch / train, "infer": args.batch / infer,
                           "compile": ours.compile_seconds, "faults_per_step": faults,
