@@ -40,9 +40,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvision import models
+from jaxvision import models, native
 from jaxvision.parallel import mesh as mesh_lib
-from jaxvision.train import optim, state as state_lib, step as step_lib
+from jaxvision.train import optim
+from jaxvision.train import state as state_lib
+from jaxvision.train import step as step_lib
 
 
 def timed(fn, repeats: int) -> float:
@@ -313,7 +315,8 @@ def main():
           f"{' ' + how if args.isolate else ''}`)\n")
     print(f"Machine: {os.cpu_count()} cores ({cpu}), jax {jax.__version__}, torch {torch.__version__}, "
           f"{args.threads} torch threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), "
-          f"malloc {os.environ.get(hostmem.MARK, 'system')} (both frameworks), {how}; {args.dtype}, batch {args.batch}, {args.size} px. {args.dtype.capitalize()} matmul "
+          f"malloc {os.environ.get(hostmem.MARK, 'system')} (both frameworks), {how}; jaxvision's CPU kernels: "
+          f"{native.describe()}; {args.dtype}, batch {args.batch}, {args.size} px. {args.dtype.capitalize()} matmul "
           f"(2048^3): {jax_rate / 1e9:.0f} GFLOP/s in XLA, {torch_rate / 1e9:.0f} GFLOP/s in torch.\n")
     print("| model | params (ours = timm) | train img/s jaxvision | train img/s timm | ratio | "
           "infer img/s jaxvision | infer img/s timm | ratio | compile s | train GFLOP/img (XLA) | "

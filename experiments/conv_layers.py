@@ -1,9 +1,9 @@
 """Single convolutions: XLA:CPU's `lax.conv_general_dilated`, jaxvision's CPU lowering
 (`jaxvision/models/conv.py`: 1x1 as a GEMM, depthwise as shifted multiply-adds, stride-1 3x3 by
-Winograd's algorithm) and torch.
+Winograd's algorithm), oneDNN's kernels (`jaxvision.native`, when installed) and torch.
 
-    python experiments/conv_layers.py            # 1x1, 3x3 and depthwise: XLA, jaxvision, torch
-    python experiments/conv_layers.py --dense    # dense 3x3, 7x7, patch embeddings: lax.conv, one GEMM, torch
+    python experiments/conv_layers.py            # 1x1, 3x3 and depthwise: XLA, jaxvision, oneDNN, torch
+    python experiments/conv_layers.py --dense    # dense 3x3, 7x7, patch embeddings: lax.conv, one GEMM, oneDNN, torch
 
 Batch 16, float32, channels-last in both frameworks, best of 5 calls after warm-up, host memory in
 huge pages (`jaxvision.hostmem`) as in training. Prints forward and forward+backward milliseconds
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxvision import hostmem
+from jaxvision import hostmem, native
 from jaxvision.models import conv
 
 # (height, channels in, channels out, kernel, stride, groups): groups == channels is depthwise.
@@ -49,6 +49,19 @@ def jax_ms(impl, x, w, stride, groups):
     both = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), argnums=(0, 1)))
     return (best_ms(lambda: fwd(x, w).block_until_ready()),
             best_ms(lambda: jax.block_until_ready(both(x, w))))
+
+
+def lowering_ms(kernels: str, impl, x, w, stride, groups):
+    """`jax_ms` of jaxvision's `conv.conv_general_dilated` traced with `native.use(kernels)`:
+    'xla' for the XLA lowering, 'onednn' for oneDNN's kernels (None where not installed)."""
+    if kernels == "onednn" and native.describe().startswith("XLA"):
+        return None
+    with native.use(kernels):
+        return jax_ms(impl, x, w, stride, groups)
+
+
+def cell(times) -> str:
+    return "-" if times is None else f"{times[0]:.1f} / {times[1]:.1f}"
 
 
 def torch_ms(h, cin, cout, k, stride, groups, padding=None):
@@ -81,8 +94,9 @@ def dense():
     import torch
 
     torch.set_num_threads(os.cpu_count())
+    print(f"oneDNN: {native.describe()}\n")
     print("| layer (batch 16) | lax.conv fwd / fwd+bwd ms | im2col GEMM fwd / fwd+bwd ms | "
-          "torch fwd / fwd+bwd ms |\n|---|---:|---:|---:|")
+          "oneDNN fwd / fwd+bwd ms | torch fwd / fwd+bwd ms |\n|---|---:|---:|---:|---:|")
     for h, cin, cout, k, stride in DENSE_SHAPES:
         x = jax.random.normal(jax.random.key(0), (16, h, h, cin))
         w = 0.05 * jax.random.normal(jax.random.key(1), (k, k, cin, cout))
@@ -91,9 +105,11 @@ def dense():
         gemm = (lambda x, w, s, _, **kw: conv.patch_matmul(x, w)) if k == stride else (
             lambda x, w, s, _, **kw: conv.im2col(x, w, s, pads))
         cells = [jax_ms(lambda x, w, s, _, **kw: lax.conv_general_dilated(x, w, s, pads, **kw), x, w, stride, 1),
-                 jax_ms(gemm, x, w, stride, 1), torch_ms(h, cin, cout, k, stride, 1, p)]
-        print(f"| {k}x{k}/{stride}, {h}x{h}, {cin}->{cout} | " +
-              " | ".join(f"{a:.1f} / {b:.1f}" for a, b in cells) + " |", flush=True)
+                 jax_ms(gemm, x, w, stride, 1),
+                 lowering_ms("onednn", lambda x, w, s, _, **kw: conv.conv_general_dilated(x, w, s, pads, **kw),
+                             x, w, stride, 1),
+                 torch_ms(h, cin, cout, k, stride, 1, p)]
+        print(f"| {k}x{k}/{stride}, {h}x{h}, {cin}->{cout} | " + " | ".join(map(cell, cells)) + " |", flush=True)
 
 
 def main():
@@ -102,17 +118,18 @@ def main():
     import torch
 
     torch.set_num_threads(os.cpu_count())
-    print("| layer (batch 16) | XLA conv fwd / fwd+bwd ms | jaxvision fwd / fwd+bwd ms | "
-          "torch fwd / fwd+bwd ms |\n|---|---:|---:|---:|")
+    print(f"oneDNN: {native.describe()}\n")
+    print("| layer (batch 16) | XLA conv fwd / fwd+bwd ms | jaxvision's XLA lowering fwd / fwd+bwd ms | "
+          "oneDNN fwd / fwd+bwd ms | torch fwd / fwd+bwd ms |\n|---|---:|---:|---:|---:|")
     for h, cin, cout, k, stride, groups in SHAPES:
         x = jax.random.normal(jax.random.key(0), (16, h, h, cin))
         w = 0.05 * jax.random.normal(jax.random.key(1), (k, k, cin // groups, cout))
         kind = "depthwise" if groups > 1 else f"{cin}->{cout}"
         cells = [jax_ms(lax.conv_general_dilated, x, w, stride, groups),
-                 jax_ms(conv.conv_general_dilated, x, w, stride, groups),
+                 lowering_ms("xla", conv.conv_general_dilated, x, w, stride, groups),
+                 lowering_ms("onednn", conv.conv_general_dilated, x, w, stride, groups),
                  torch_ms(h, cin, cout, k, stride, groups)]
-        print(f"| {k}x{k}/{stride}, {h}x{h}, {kind} | " +
-              " | ".join(f"{a:.1f} / {b:.1f}" for a, b in cells) + " |", flush=True)
+        print(f"| {k}x{k}/{stride}, {h}x{h}, {kind} | " + " | ".join(map(cell, cells)) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ Levers:
       and a GEMM) against XLA's convolution.
   im2col: 3x3 convolutions with a stride or on maps up to 7x7 as one GEMM on their patches
       (`conv.as_im2col`) against XLA's convolution (im2col kept only for 1x1 and 2x2 outputs).
+  onednn: convolutions by oneDNN's kernels (`jaxvision.native`, needs the `onednn` extra)
+      against jaxvision's XLA lowering of them (all the levers above).
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ import unittest.mock
 
 import flax.linen as nn
 import jax
+from bench import JaxBench, timed
 from jax import lax
 
-from bench import JaxBench, timed
-from jaxvision import hostmem
+from jaxvision import hostmem, native
 from jaxvision.models import conv, layers, vit, winograd
 
 
@@ -65,6 +67,7 @@ LEVERS = {
         conv, "patch_matmul", lambda x, k, precision=None: lax.conv_general_dilated(
             x, k, k.shape[:2], "VALID", dimension_numbers=conv.NHWC, precision=precision)),
     "im2col": lambda: _im2col_off(),
+    "onednn": lambda: native.use("xla"),
 }
 
 

@@ -1,6 +1,7 @@
 """The CPU lowering of pointwise and depthwise convolutions equals `lax.conv_general_dilated`,
 values and gradients, for every stride/padding/size combination the zoo uses; the shifted-view
-pools equal flax's; `lax_only()` turns the lowering off."""
+pools equal flax's; `lax_only()` turns the lowering off. These are XLA's rewrites: oneDNN's
+kernels, which replace most of them where installed, are tests/test_native.py's."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,14 @@ import pytest
 from flax import linen as nn
 from jax import lax
 
+from jaxvision import native
 from jaxvision.models import conv, winograd
+
+
+@pytest.fixture(autouse=True)
+def xla_lowering():
+    with native.use("xla"):
+        yield
 
 CASES = [  # (size, channels in, channels out, kernel, stride, groups, padding)
     (9, 8, 8, 3, 1, 8, "SAME"),

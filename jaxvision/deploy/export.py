@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxvision import native
 from jaxvision.errors import DEPLOY_EXTRA, UserError
 from jaxvision.models import conv as conv_lib
 from jaxvision.train import step as step_lib
@@ -90,7 +91,8 @@ def serving_fn(apply, variables, *, size: int, crop_pct: float, interpolation: s
 def export_stablehlo(serve, input_size: tuple[int, int]) -> bytes:
     batch = jax.export.symbolic_shape("batch")[0]
     spec = jax.ShapeDtypeStruct((batch, *input_size, 3), jnp.uint8)
-    return bytes(jax.export.export(jax.jit(serve))(spec).serialize())
+    with native.portable():  # no custom calls: the artifact runs where jaxvision is not installed
+        return bytes(jax.export.export(jax.jit(serve))(spec).serialize())
 
 
 def export_onnx(serve, input_size: tuple[int, int]) -> bytes:

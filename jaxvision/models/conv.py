@@ -1,6 +1,10 @@
 """Convolution and dense-layer lowering for XLA's CPU backend (the `conv_general_dilated` every
 zoo Conv uses, the `dot_general` every zoo DenseGeneral uses).
 
+Where oneDNN's kernels are enabled (`jaxvision.native`: x86-64 Linux, one CPU device), every
+convolution and dense layer goes to them, except patch embeddings (stride = kernel), whose
+reshape-and-GEMM below has the faster backward. Otherwise, and for export:
+
 XLA:CPU hands a convolution to its Eigen kernels, which are fast for dense 3x3 convolutions on
 feature maps of 7x7 and up but slow for these (measured in experiments/PERF.md):
   * 1x1 (pointwise) convolutions: 5-8x slower than the same product written as a matrix
@@ -36,7 +40,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxvision import native
 from jaxvision.models import winograd
+from jaxvision.native import ops as native_ops
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 _LOWER = contextvars.ContextVar("jaxvision_conv_lowering", default=True)
@@ -156,6 +162,8 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     n = len(lc)
     if (lowering() and not lb and not rb and preferred_element_type is None
             and tuple(lc) == tuple(range(lhs.ndim - n, lhs.ndim)) and tuple(rc) == tuple(range(n))):
+        if native.enabled() and native_ops.dense_supported(lhs, rhs):
+            return native_ops.dense(lhs, rhs, n)
         return feature_matmul(lhs, rhs, n, precision)
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
@@ -264,6 +272,15 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     """Drop-in for `lax.conv_general_dilated` (as `nn.Conv(conv_general_dilated=...)`)."""
     nhwc = (lhs.ndim == 4 and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
             == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC))
+    if nhwc and not kw and lowering() and native.enabled():
+        dilation = tuple(rhs_dilation or (1, 1))
+        extent = tuple((k - 1) * d + 1 for k, d in zip(rhs.shape[:2], dilation))
+        pads = tuple(map(tuple, _explicit_padding(padding, lhs.shape[1:3], extent, window_strides)))
+        patches = (tuple(window_strides) == rhs.shape[:2] != (1, 1) and not any(map(any, pads))
+                   and feature_group_count == 1)  # `patch_matmul`'s backward is 2-3x oneDNN's
+        if not patches and native_ops.supported(lhs, rhs, tuple(window_strides), pads, dilation,
+                                                lhs_dilation or (1, 1)):
+            return native_ops.conv(lhs, rhs, tuple(window_strides), pads, dilation, feature_group_count)
     plain = (lowering() and nhwc
              and all(d == 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1))) and not kw)
     if plain:  # strides and pads as hashable tuples: the custom VJPs take them as static arguments

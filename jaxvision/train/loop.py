@@ -19,11 +19,16 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from jaxvision import checkpoint, models
-from jaxvision.data import mix as mix_lib, pipeline, sources, transforms
+from jaxvision import checkpoint, models, native
+from jaxvision.data import mix as mix_lib
+from jaxvision.data import pipeline, sources, transforms
 from jaxvision.errors import UserError
-from jaxvision.parallel import mesh as mesh_lib, preemption, sharding
-from jaxvision.train import evaluate as eval_lib, optim, state as state_lib, step as step_lib
+from jaxvision.parallel import mesh as mesh_lib
+from jaxvision.parallel import preemption, sharding
+from jaxvision.train import evaluate as eval_lib
+from jaxvision.train import optim
+from jaxvision.train import state as state_lib
+from jaxvision.train import step as step_lib
 from jaxvision.train.writer import MetricWriter, evaluations, table
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -324,6 +329,7 @@ def _summary(s: Setup, evals: dict, rates: list, step: int, steps: int, wall: fl
         **({"final_ema_val_top1": final["ema_val_top1"]} if "ema_val_top1" in final else {}),
         "images_per_sec": float(np.median(rates)) if rates else None, "wall_seconds": wall,
         "devices": jax.device_count(), "processes": jax.process_count(), "mesh": dict(s.mesh.shape),
+        **({"cpu_kernels": native.describe()} if jax.default_backend() == "cpu" else {}),
         "preempted": preempted}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:

@@ -1,0 +1,232 @@
+"""oneDNN's kernels (`jaxvision.native`) compute what XLA computes, values and gradients, for the
+convolutions, dense layers and attention products the zoo uses; `JAXVISION_CPU_KERNELS` and
+export decide where they apply; a missing oneDNN is a clear message. Skipped where oneDNN
+cannot be built (jaxvision installs it on x86-64 Linux; .ci/run checks that it builds)."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jaxvision import models, native
+from jaxvision.errors import UserError
+from jaxvision.models import conv, layers, vit
+from jaxvision.native import ops
+
+try:
+    native.library()
+    REASON = None
+except native.Unavailable as e:
+    REASON = str(e).splitlines()[0]
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"oneDNN kernels unavailable: {REASON}")
+
+CASES = [  # (size, channels in, channels out, kernel, stride, groups, padding, dilation)
+    (9, 8, 16, 3, 1, 1, "SAME", 1),
+    (10, 8, 16, 3, 2, 1, ((1, 1), (1, 1)), 1),  # ResNet downsampling
+    (11, 3, 8, 7, 2, 1, ((3, 3), (3, 3)), 1),  # ResNet stem
+    (11, 3, 8, 3, 2, 1, "SAME", 1),  # TensorFlow's asymmetric padding
+    (10, 16, 8, 1, 1, 1, "VALID", 1),  # pointwise
+    (9, 8, 16, 1, 2, 1, "VALID", 1),  # strided pointwise (ResNet shortcut)
+    (9, 8, 8, 3, 1, 8, "SAME", 1),  # depthwise
+    (11, 8, 8, 5, 2, 8, ((2, 2), (2, 2)), 1),  # depthwise 5x5, stride 2
+    (9, 8, 12, 3, 1, 4, "SAME", 2),  # grouped, dilated
+    (2, 8, 16, 3, 1, 1, ((1, 1), (1, 1)), 1),  # tiny map, taps that see only padding
+    (8, 3, 16, 4, 4, 1, "VALID", 1),  # a patch embedding: stays `conv.patch_matmul`
+]
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))  # both zero: 0
+
+
+def hlo(fn, *args, kernels="onednn"):
+    """The lowered program of `fn` traced under `kernels` (a fresh function each time: jax caches
+    traces by function, and the kernels are chosen while tracing)."""
+    with native.use(kernels):
+        return jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
+
+
+@pytest.mark.parametrize("size,cin,cout,k,stride,groups,padding,dilation", CASES)
+def test_convolution_matches_lax(size, cin, cout, k, stride, groups, padding, dilation):
+    x = jax.random.normal(jax.random.key(0), (2, size, size, cin))
+    w = jax.random.normal(jax.random.key(1), (k, k, cin // groups, cout))
+    kw = dict(dimension_numbers=conv.NHWC, feature_group_count=groups, rhs_dilation=(dilation, dilation))
+
+    def loss(f):
+        return lambda x, w: jnp.sum(jnp.sin(f(x, w, (stride, stride), padding, **kw)))
+
+    with native.use("onednn"):
+        ours = jax.jit(lambda x, w: conv.conv_general_dilated(x, w, (stride, stride), padding, **kw))(x, w)
+        grads = jax.jit(jax.grad(loss(conv.conv_general_dilated), (0, 1)))(x, w)
+    ref = lax.conv_general_dilated(x, w, (stride, stride), padding, **kw)
+    assert ours.shape == ref.shape and rel(ours, ref) < 1e-5
+    for g, g_ref in zip(grads, jax.grad(loss(lax.conv_general_dilated), (0, 1))(x, w)):
+        assert rel(g, g_ref) < 1e-5
+    text = hlo(lambda x, w: conv.conv_general_dilated(x, w, (stride, stride), padding, **kw), x, w)
+    patch_embedding = k == stride > 1 and padding == "VALID"
+    assert ("jaxvision_conv_fwd" in text) != patch_embedding
+
+
+def test_bfloat16_convolution_accumulates_in_float32():
+    x = jax.random.normal(jax.random.key(0), (4, 12, 12, 16))
+    w = 0.1 * jax.random.normal(jax.random.key(1), (3, 3, 16, 32))
+    pads = ((1, 1), (1, 1))
+    ref = lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=conv.NHWC)
+    half = jax.jit(lambda x, w: ops.conv(x, w, (1, 1), pads))(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    assert half.dtype == jnp.bfloat16 and rel(half, ref) < 1e-2
+    dw = jax.grad(lambda w: jnp.sum(ops.conv(x.astype(jnp.bfloat16), w, (1, 1), pads).astype(jnp.float32) ** 2))(
+        w.astype(jnp.bfloat16))
+    dw_ref = jax.grad(lambda w: jnp.sum(lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=conv.NHWC)
+                                        ** 2))(w)
+    assert dw.dtype == jnp.bfloat16 and rel(dw, dw_ref) < 2e-2
+
+
+@pytest.mark.parametrize("shape,axis,features", [
+    ((2, 5, 8), -1, 16), ((2, 5, 16), -1, 8), ((2, 5, 8), -1, (3, 2, 4)), ((2, 5, 2, 4), (-2, -1), 8)])
+def test_dense_matches_lax(shape, axis, features):
+    x = jax.random.normal(jax.random.key(0), shape)
+    ours, ref = (nn.DenseGeneral(features, axis=axis, dot_general=d) for d in (conv.dot_general, lax.dot_general))
+    params = ref.init(jax.random.key(1), x)
+
+    def grads(layer):
+        return jax.grad(lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x))), (0, 1))(params, x)
+
+    with native.use("onednn"):
+        got, got_grads = jax.jit(ours.apply)(params, x), jax.jit(lambda: grads(ours))()
+        assert "jaxvision_matmul" in jax.jit(ours.apply).lower(params, x).as_text()
+    assert rel(got, ref.apply(params, x)) < 1e-6
+    for g, g_ref in zip(jax.tree.leaves(got_grads), jax.tree.leaves(grads(ref))):
+        assert rel(g, g_ref) < 1e-5
+
+
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+@pytest.mark.parametrize("batch", [(), (3,), (2, 3)])
+def test_matmul_reads_either_operand_transposed(batch, transpose_a, transpose_b):
+    a = jax.random.normal(jax.random.key(0), batch + ((7, 5) if transpose_a else (5, 7)))
+    b = jax.random.normal(jax.random.key(1), batch + ((9, 7) if transpose_b else (7, 9)))
+    swap = lambda t, yes: jnp.swapaxes(t, -1, -2) if yes else t  # noqa: E731
+    got = jax.jit(lambda a, b: ops.matmul(a, b, transpose_a, transpose_b))(a, b)
+    assert got.shape == batch + (5, 9) and rel(got, swap(a, transpose_a) @ swap(b, transpose_b)) < 1e-6
+
+
+def test_vit_attention_on_onednn_matches_xla():
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 9, 3, 8)) for i in range(3))
+    loss = lambda q, k, v: jnp.sum(jnp.sin(vit.attention(q, k, v)))  # noqa: E731
+    results = {}
+    for kernels in ("onednn", "xla"):  # fresh functions: jax caches traces by function
+        with native.use(kernels):
+            results[kernels] = (jax.jit(lambda *a: vit.attention(*a))(q, k, v),
+                                jax.jit(lambda *a: jax.grad(loss, (0, 1, 2))(*a))(q, k, v))
+    assert "jaxvision_matmul" in hlo(vit.attention, q, k, v)
+    for got, want in zip(jax.tree.leaves(results["onednn"]), jax.tree.leaves(results["xla"])):
+        assert rel(got, want) < 1e-5
+
+
+def test_layer_norm_matches_flax():
+    """Same parameters as `nn.LayerNorm` (checkpoints and converted weights load either way),
+    same values and gradients."""
+    x = 2.0 * jax.random.normal(jax.random.key(0), (3, 7, 24)) + 0.5
+    ours, ref = layers.LayerNorm(epsilon=1e-6), nn.LayerNorm(epsilon=1e-6)
+    params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(1), p.shape), ref.init(jax.random.key(2), x))
+    assert jax.tree.structure(nn.unbox(ours.init(jax.random.key(2), x))) == jax.tree.structure(params)
+
+    def grads(layer):
+        return jax.grad(lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x))), (0, 1))(params, x)
+
+    with native.use("onednn"):
+        got, got_grads = jax.jit(lambda p, x: ours.apply(p, x))(params, x), jax.jit(lambda: grads(ours))()
+        assert "jaxvision_layer_norm_fwd" in jax.jit(lambda p, x: ours.apply(p, x)).lower(params, x).as_text()
+    assert rel(got, ref.apply(params, x)) < 1e-5
+    for g, g_ref in zip(jax.tree.leaves(got_grads), jax.tree.leaves(grads(ref))):
+        assert rel(g, g_ref) < 1e-5
+
+
+@pytest.mark.parametrize("name,size,kwargs", [
+    ("resnet50", 64, {"width": 8}), ("efficientnet_b0", 64, {}), ("vit_tiny_patch16_224", 32, {})])
+def test_whole_models_agree_with_xla_in_training(name, size, kwargs):
+    """Logits, the loss's parameter gradients and BatchNorm's batch variances, train mode. (Not the
+    batch means: after a normalised input they are zero up to rounding, so no relative measure
+    applies; and at 32 px or batch 2 the last stages' statistics of 2 numbers amplify rounding.)"""
+    model = models.create(name, num_classes=10, **kwargs)
+    x = jax.random.normal(jax.random.key(0), (4, size, size, 3))
+    variables = jax.jit(model.init)(jax.random.key(1), x)
+
+    def step(variables):
+        def loss(params):
+            logits, updates = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(logits)), (logits, updates)
+        return jax.grad(loss, has_aux=True)(variables["params"])
+
+    outputs = {}
+    for kernels in ("onednn", "xla"):  # fresh functions: jax caches traces by function
+        with native.use(kernels):
+            outputs[kernels] = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(
+                jax.jit(lambda v: step(v))(variables))[0] if "mean" not in jax.tree_util.keystr(path)]
+    for got, want in zip(outputs["onednn"], outputs["xla"]):
+        assert rel(got, want) < 1e-4
+
+
+def test_only_cpu_programs_on_one_device_use_it_unless_asked():
+    x, w = jnp.zeros((2, 8, 8, 4)), jnp.zeros((3, 3, 4, 4))
+    f = lambda x, w: conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=conv.NHWC)  # noqa: E731
+    assert "jaxvision_" in hlo(f, x, w, kernels="onednn")
+    assert "jaxvision_" not in hlo(f, x, w, kernels="xla")
+    with native.use("auto"):  # the tests' 8 virtual devices: a custom call would not be partitioned
+        assert jax.device_count() > 1 and not native.enabled()
+        assert "8 devices" in native.describe()
+    with native.portable():
+        assert "jaxvision_" not in hlo(f, x, w, kernels="onednn")
+    with conv.lax_only():
+        assert "jaxvision_" not in hlo(f, x, w, kernels="onednn")
+    with pytest.raises(UserError, match="JAXVISION_CPU_KERNELS must be one of auto, onednn, xla"), native.use("mkl"):
+        pass
+
+
+def test_stablehlo_export_has_no_custom_call(tmp_path):
+    from jaxvision.deploy import export
+    model = models.create("resnet18", num_classes=3, width=8)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    serve = export.serving_fn(lambda v, x: model.apply(v, x), variables, size=16, crop_pct=1.0,
+                              interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3)
+    with native.use("onednn"):
+        artifact = export.export_stablehlo(serve, (16, 16))
+    assert b"jaxvision_" not in artifact
+    images = np.random.RandomState(0).randint(0, 256, (2, 16, 16, 3)).astype(np.uint8)
+    exported = jax.export.deserialize(bytearray(artifact))
+    assert rel(exported.call(images), jax.jit(serve)(images)) < 1e-5
+
+
+def test_a_missing_onednn_names_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_onednn_roots", lambda: [str(tmp_path)])
+    native.library.cache_clear()
+    try:
+        with native.use("onednn"), pytest.raises(native.Unavailable, match="pip install onednn-cpu-gomp"):
+            native.enabled()
+        with native.use("auto"):
+            assert not native.enabled()
+    finally:
+        native.library.cache_clear()
+
+
+def test_kernels_are_built_once_into_the_cache(tmp_path, caplog):
+    path = native.build(str(tmp_path))
+    assert os.path.exists(path) and "compiling the oneDNN CPU kernels" in caplog.text
+    caplog.clear()
+    assert native.build(str(tmp_path)) == path and "compiling" not in caplog.text
+
+
+def test_command_line_training_on_one_device_uses_it_and_says_so(tmp_path, monkeypatch):
+    """`auto` on one CPU device, the default recipe shrunk: it trains, the summary names oneDNN."""
+    from tests.test_engine import TINY, cli, flags, losses
+    monkeypatch.setenv("JAXVISION_CPU_KERNELS", "auto")
+    cli("--config", "configs/default.py", "--workdir", str(tmp_path), *flags({**TINY, "num_steps": 6}), devices=1)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["cpu_kernels"].startswith("oneDNN")
+    assert len(losses(tmp_path)) == 6 and np.all(np.isfinite(losses(tmp_path)))
