@@ -36,12 +36,19 @@ def resample_pos_embed(pos, num_prefix: int, grid: tuple[int, int]):
 
 def attention(q, k, v):
     """Softmax attention over (batch, tokens, heads, head_dim) queries, keys and values; logits and
-    softmax in float32. On CPU `_cpu_attention`, elsewhere `jax.nn.dot_product_attention` (cuDNN
-    or XLA's fused kernels on GPU and TPU)."""
+    softmax in float32. On CPU oneDNN's one head at a time (`native_ops.attention`, float32) or
+    `_cpu_attention`, elsewhere `jax.nn.dot_product_attention` (cuDNN or XLA's fused kernels on
+    GPU and TPU)."""
     if not conv.lowering():
         return jax.nn.dot_product_attention(q, k, v)
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-    return _cpu_attention(q * q.shape[-1] ** -0.5, k, v).transpose(0, 2, 1, 3)
+    q = q * q.shape[-1] ** -0.5
+    if native.enabled() and q.dtype == k.dtype == v.dtype == jnp.float32:
+        b, h, n, d = q.shape
+        o = native_ops.attention(*(t.reshape(b * h, n, d) for t in (q, k, v))).reshape(b, h, n, d)
+    else:
+        o = _cpu_attention(q, k, v)
+    return o.transpose(0, 2, 1, 3)
 
 
 def _matmul(a, b, transpose_a=False, transpose_b=False):

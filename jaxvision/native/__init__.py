@@ -43,7 +43,8 @@ INSTALL = "pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn.cc")
 TARGETS = {"jaxvision_conv_fwd": "JaxvisionConvForward", "jaxvision_conv_bwd_data": "JaxvisionConvBackwardData",
            "jaxvision_conv_bwd_weights": "JaxvisionConvBackwardWeights", "jaxvision_matmul": "JaxvisionMatmul",
-           "jaxvision_layer_norm_fwd": "JaxvisionLayerNormForward", "jaxvision_layer_norm_bwd": "JaxvisionLayerNormBackward"}
+           "jaxvision_layer_norm_fwd": "JaxvisionLayerNormForward", "jaxvision_layer_norm_bwd": "JaxvisionLayerNormBackward",
+           "jaxvision_attention_fwd": "JaxvisionAttentionForward", "jaxvision_attention_bwd": "JaxvisionAttentionBackward"}
 MODES = ("auto", "onednn", "xla")
 _PORTABLE = contextvars.ContextVar("jaxvision_portable", default=False)
 _MODE = contextvars.ContextVar("jaxvision_cpu_kernels", default=None)

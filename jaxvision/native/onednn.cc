@@ -12,6 +12,8 @@
 //   jaxvision_matmul            (a, b)  -> out  (2-D or batched 3-D, either operand transposed)
 //   jaxvision_layer_norm_fwd    (x, scale, shift)          -> (y, mean, variance)   (float32, rows of x)
 //   jaxvision_layer_norm_bwd    (x, dy, scale, mean, var)  -> (dx, dscale, dshift)
+//   jaxvision_attention_fwd     (q, k, v)          -> (o, p)          (float32, (heads, tokens, dim))
+//   jaxvision_attention_bwd     (q, k, v, p, do)   -> (dq, dk, dv)
 //
 // Threads: the work of a call is cut into one chunk per thread of XLA's intra-op pool (batch
 // halves, or row blocks of a product), and each chunk runs oneDNN on one thread. Letting oneDNN
@@ -48,7 +50,7 @@ using Dims = memory::dims;
 
 namespace {
 
-enum Kind : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2, kMatmul = 3, kLayerNorm = 4 };
+enum Kind : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2, kMatmul = 3, kLayerNorm = 4, kSoftmax = 5 };
 
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
@@ -498,6 +500,97 @@ ffi::Error LayerNormBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
   return ffi::Error::Success();
 }
 
+// Softmax attention one head at a time, every step a oneDNN primitive on one thread: the head's
+// (n, n) scores stay in cache from the product that makes them through the softmax to the
+// product that uses them, where XLA passes the whole batch's scores through memory between
+// separate kernels. q comes scaled; p, the normalised probabilities, is kept for the backward:
+// dv = p^T do, dp = do v^T, ds = p * (dp - rowsum(dp * p)) (oneDNN's softmax backward),
+// dq = ds k, dk = ds^T q.
+struct SoftmaxPlan {
+  dnnl::softmax_forward forward;
+  dnnl::softmax_backward backward;
+  memory::desc scores, forward_scratch, backward_scratch;
+};
+
+SoftmaxPlan MakeSoftmaxPlan(const int64_t* n) {
+  memory::desc scores({*n, *n}, memory::data_type::f32, memory::format_tag::ab);
+  auto fwd = dnnl::softmax_forward::primitive_desc(Engine(), dnnl::prop_kind::forward_training,
+                                                   dnnl::algorithm::softmax_accurate, scores, scores, 1, Attributes());
+  auto bwd = dnnl::softmax_backward::primitive_desc(Engine(), dnnl::algorithm::softmax_accurate, scores, scores,
+                                                    scores, 1, fwd, Attributes());
+  return SoftmaxPlan{dnnl::softmax_forward(fwd), dnnl::softmax_backward(bwd), scores, fwd.scratchpad_desc(),
+                     bwd.scratchpad_desc()};
+}
+
+const SoftmaxPlan& CachedSoftmax(int64_t n) {
+  return Cached<SoftmaxPlan>({kSoftmax, n}, 1, [](const void* a) {
+    return MakeSoftmaxPlan(static_cast<const int64_t*>(a));
+  }, &n);
+}
+
+// out (m, n) = a b for one head's matrices, a (m, k) or stored (k, m), b (k, n) or stored (n, k).
+void HeadMatmul(const float* a, const float* b, float* out, int64_t m, int64_t k, int64_t n, bool ta, bool tb) {
+  MatmulGeometry g{1, m, m, k, n, ta, tb, 1, memory::data_type::f32, memory::data_type::f32};
+  const MatmulPlan& p = CachedMatmul(g);
+  auto& e = Engine();
+  p.primitive.execute(Stream(), {{DNNL_ARG_SRC, memory(p.a, e, const_cast<float*>(a))},
+                                 {DNNL_ARG_WEIGHTS, memory(p.b, e, const_cast<float*>(b))},
+                                 {DNNL_ARG_DST, memory(p.out, e, out)},
+                                 {DNNL_ARG_SCRATCHPAD, Scratch(p.scratch)}});
+}
+
+// Runs fn(head) for every head, heads in blocks over XLA's threads.
+template <typename F>
+std::string EachHead(ffi::ThreadPool& pool, int64_t heads, const F& fn) {
+  auto [chunks, block] = RowBlocks(pool, heads);
+  return ParallelFor(pool, chunks, [&](int64_t i) {
+    for (int64_t h = i * block; h < std::min(heads, (i + 1) * block); ++h) fn(h);
+    Stream().wait();
+  });
+}
+
+ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                            ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> p) {
+  auto dims = q.dimensions();
+  const int64_t heads = dims[0], n = dims[1], d = dims[2];
+  std::string error = EachHead(pool, heads, [&](int64_t h) {
+    const float *qh = q.typed_data() + h * n * d, *kh = k.typed_data() + h * n * d, *vh = v.typed_data() + h * n * d;
+    float* ph = p->typed_data() + h * n * n;
+    HeadMatmul(qh, kh, ph, n, d, n, false, true);
+    const SoftmaxPlan& s = CachedSoftmax(n);
+    memory scores(s.scores, Engine(), ph);
+    s.forward.execute(Stream(), {{DNNL_ARG_SRC, scores}, {DNNL_ARG_DST, scores},
+                                 {DNNL_ARG_SCRATCHPAD, Scratch(s.forward_scratch)}});
+    HeadMatmul(ph, vh, o->typed_data() + h * n * d, n, n, d, false, false);
+  });
+  if (!error.empty()) return ffi::Error::Internal("jaxvision oneDNN attention: " + error);
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                             ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> dout,
+                             ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                             ffi::ResultBuffer<ffi::F32> dv) {
+  auto dims = q.dimensions();
+  const int64_t heads = dims[0], n = dims[1], d = dims[2];
+  std::string error = EachHead(pool, heads, [&](int64_t h) {
+    const int64_t map = h * n * d;
+    const float* ph = p.typed_data() + h * n * n;
+    thread_local std::vector<float> grad;  // this head's dp, then ds
+    grad.resize(n * n);
+    HeadMatmul(ph, dout.typed_data() + map, dv->typed_data() + map, n, n, d, true, false);
+    HeadMatmul(dout.typed_data() + map, v.typed_data() + map, grad.data(), n, d, n, false, true);
+    const SoftmaxPlan& s = CachedSoftmax(n);
+    memory probs(s.scores, Engine(), const_cast<float*>(ph)), ds(s.scores, Engine(), grad.data());
+    s.backward.execute(Stream(), {{DNNL_ARG_DST, probs}, {DNNL_ARG_DIFF_DST, ds}, {DNNL_ARG_DIFF_SRC, ds},
+                                  {DNNL_ARG_SCRATCHPAD, Scratch(s.backward_scratch)}});
+    HeadMatmul(grad.data(), k.typed_data() + map, dq->typed_data() + map, n, n, d, false, false);
+    HeadMatmul(grad.data(), q.typed_data() + map, dk->typed_data() + map, n, n, d, true, false);
+  });
+  if (!error.empty()) return ffi::Error::Internal("jaxvision oneDNN attention: " + error);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxvisionConvForward, ConvHandler<kForward>, ConvBinding());
@@ -534,6 +627,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxvisionLayerNormBackward, LayerNormBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("epsilon"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxvisionAttentionForward, AttentionForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxvisionAttentionBackward, AttentionBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 // The instruction set oneDNN dispatches to on this CPU and its version, for logs.
 extern "C" const char* JaxvisionOnednnInfo() {

@@ -149,3 +149,33 @@ def _layer_norm_bwd(epsilon, residuals, dy):
 
 
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def _attention_fwd_call(q, k, v):
+    native.library()
+    heads, n, _ = q.shape
+    return jax.ffi.ffi_call("jaxvision_attention_fwd", (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                                                        jax.ShapeDtypeStruct((heads, n, n), jnp.float32)),
+                            vmap_method="sequential")(q, k, v)
+
+
+@jax.custom_vjp
+def attention(q, k, v):
+    """softmax(q k^T) v over float32 (heads, tokens, dim) q (already scaled), k and v, one head at
+    a time through oneDNN's products and softmax; the probabilities are kept for the backward."""
+    return _attention_fwd_call(q, k, v)[0]
+
+
+def _attention_fwd(q, k, v):
+    o, p = _attention_fwd_call(q, k, v)
+    return o, (q, k, v, p)
+
+
+def _attention_bwd(residuals, do):
+    q, k, v, p = residuals
+    shape = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    return tuple(jax.ffi.ffi_call("jaxvision_attention_bwd", (shape, shape, shape), vmap_method="sequential")(
+        q, k, v, p, do))
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
