@@ -123,9 +123,9 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         if not (conv_lib.lowering() and jnp.result_type(x, self.dtype) == jnp.float32 and native.enabled()):
-            return nn.LayerNorm(epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
-                                scale_init=self._init(nn.initializers.ones), bias_init=self._init(nn.initializers.zeros),
-                                name=None, parent=None).apply({"params": self._params(x)}, x)
+            flax_norm = nn.LayerNorm(epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+                                     name=None, parent=None)  # computing with this module's parameters
+            return flax_norm.apply({"params": self._params(x)}, x)
         scale, bias = self._params(x).values()
         return native_ops.layer_norm(x.astype(jnp.float32), scale.astype(jnp.float32), bias.astype(jnp.float32),
                                      self.epsilon)

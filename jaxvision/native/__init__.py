@@ -41,10 +41,11 @@ from jaxvision.errors import UserError
 
 INSTALL = "pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn.cc")
-TARGETS = {"jaxvision_conv_fwd": "JaxvisionConvForward", "jaxvision_conv_bwd_data": "JaxvisionConvBackwardData",
-           "jaxvision_conv_bwd_weights": "JaxvisionConvBackwardWeights", "jaxvision_matmul": "JaxvisionMatmul",
-           "jaxvision_layer_norm_fwd": "JaxvisionLayerNormForward", "jaxvision_layer_norm_bwd": "JaxvisionLayerNormBackward",
-           "jaxvision_attention_fwd": "JaxvisionAttentionForward", "jaxvision_attention_bwd": "JaxvisionAttentionBackward"}
+# FFI target -> the symbol of its handler in onednn.cc
+TARGETS = {f"jaxvision_{name}": f"Jaxvision{symbol}" for name, symbol in [
+    ("conv_fwd", "ConvForward"), ("conv_bwd_data", "ConvBackwardData"), ("conv_bwd_weights", "ConvBackwardWeights"),
+    ("matmul", "Matmul"), ("layer_norm_fwd", "LayerNormForward"), ("layer_norm_bwd", "LayerNormBackward"),
+    ("attention_fwd", "AttentionForward"), ("attention_bwd", "AttentionBackward")]}
 MODES = ("auto", "onednn", "xla")
 _PORTABLE = contextvars.ContextVar("jaxvision_portable", default=False)
 _MODE = contextvars.ContextVar("jaxvision_cpu_kernels", default=None)

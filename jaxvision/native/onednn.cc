@@ -50,7 +50,8 @@ using Dims = memory::dims;
 
 namespace {
 
-enum Kind : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2, kMatmul = 3, kLayerNorm = 4, kSoftmax = 5 };
+// What a cached plan is for (the first entry of its key).
+enum Kind : int64_t { kForward, kBackwardData, kBackwardWeights, kMatmul, kLayerNorm, kSoftmax };
 
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
