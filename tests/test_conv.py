@@ -137,13 +137,17 @@ def test_strided_pointwise_subsamples_with_a_reduce_window():
     assert "slice" in inference and "reduce_window" not in inference  # free for XLA's GEMM
 
 
-@pytest.mark.parametrize("shape,axis,features", [
+DENSE_CASES = [  # (input shape, contracted axes, features)
     ((2, 5, 8), -1, 16),  # MLP fc1
     ((2, 5, 16), -1, 8),  # MLP fc2
     ((2, 5, 8), -1, (3, 2, 4)),  # qkv: several output axes
     ((2, 5, 2, 4), (-2, -1), 8),  # attention output: several input axes
-])
-def test_dense_lowering_matches_lax(shape, axis, features):
+]
+
+
+def dense_results(shape, axis, features):
+    """(output, gradients of params and input) of a DenseGeneral through `conv.dot_general`, jitted
+    under the kernel mode in force, and the same through `lax.dot_general`."""
     x = jax.random.normal(jax.random.key(0), shape)
     ours, ref = (nn.DenseGeneral(features, axis=axis, dot_general=d) for d in (conv.dot_general, lax.dot_general))
     params = ref.init(jax.random.key(1), x)
@@ -151,8 +155,15 @@ def test_dense_lowering_matches_lax(shape, axis, features):
     def grads(layer):
         return jax.grad(lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x))), (0, 1))(params, x)
 
-    np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-6, atol=1e-6)
-    for g_ours, g_ref in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(ref))):
+    got = jax.jit(ours.apply)(params, x), jax.jit(lambda: grads(ours))()
+    return got, (ref.apply(params, x), grads(ref))
+
+
+@pytest.mark.parametrize("shape,axis,features", DENSE_CASES)
+def test_dense_lowering_matches_lax(shape, axis, features):
+    (out, grads), (ref_out, ref_grads) = dense_results(shape, axis, features)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-6, atol=1e-6)
+    for g_ours, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(g_ours, g_ref, rtol=1e-5, atol=1e-5)
 
 

@@ -17,6 +17,7 @@ from jaxvision import models, native
 from jaxvision.errors import UserError
 from jaxvision.models import conv, layers, vit
 from jaxvision.native import ops
+from tests.test_conv import DENSE_CASES, dense_results
 
 try:
     native.library()
@@ -87,21 +88,14 @@ def test_bfloat16_convolution_accumulates_in_float32():
     assert dw.dtype == jnp.bfloat16 and rel(dw, dw_ref) < 2e-2
 
 
-@pytest.mark.parametrize("shape,axis,features", [
-    ((2, 5, 8), -1, 16), ((2, 5, 16), -1, 8), ((2, 5, 8), -1, (3, 2, 4)), ((2, 5, 2, 4), (-2, -1), 8)])
+@pytest.mark.parametrize("shape,axis,features", DENSE_CASES)
 def test_dense_matches_lax(shape, axis, features):
-    x = jax.random.normal(jax.random.key(0), shape)
-    ours, ref = (nn.DenseGeneral(features, axis=axis, dot_general=d) for d in (conv.dot_general, lax.dot_general))
-    params = ref.init(jax.random.key(1), x)
-
-    def grads(layer):
-        return jax.grad(lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x))), (0, 1))(params, x)
-
     with native.use("onednn"):
-        got, got_grads = jax.jit(ours.apply)(params, x), jax.jit(lambda: grads(ours))()
-        assert "jaxvision_matmul" in jax.jit(ours.apply).lower(params, x).as_text()
-    assert rel(got, ref.apply(params, x)) < 1e-6
-    for g, g_ref in zip(jax.tree.leaves(got_grads), jax.tree.leaves(grads(ref))):
+        (got, got_grads), (ref, ref_grads) = dense_results(shape, axis, features)
+    layer, x = nn.DenseGeneral(features, axis=axis, dot_general=conv.dot_general), jnp.zeros(shape)
+    assert "jaxvision_matmul" in hlo(layer.apply, layer.init(jax.random.key(1), x), x)
+    assert rel(got, ref) < 1e-6
+    for g, g_ref in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads)):
         assert rel(g, g_ref) < 1e-5
 
 

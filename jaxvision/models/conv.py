@@ -31,7 +31,6 @@ quantization).
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import functools
 import math
@@ -40,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxvision import native
+from jaxvision import native, tracing
 from jaxvision.models import winograd
 from jaxvision.native import ops as native_ops
 
@@ -48,14 +47,9 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 _LOWER = contextvars.ContextVar("jaxvision_conv_lowering", default=True)
 
 
-@contextlib.contextmanager
 def lax_only():
     """While tracing inside this context, every convolution is `lax.conv_general_dilated`."""
-    token = _LOWER.set(False)
-    try:
-        yield
-    finally:
-        _LOWER.reset(token)
+    return tracing.scoped(_LOWER, False)
 
 
 def lowering() -> bool:

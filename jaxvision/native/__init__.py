@@ -37,6 +37,7 @@ import time
 
 import jax
 
+from jaxvision import tracing
 from jaxvision.errors import UserError
 
 INSTALL = "pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0"
@@ -67,22 +68,14 @@ def mode() -> str:
 @contextlib.contextmanager
 def use(value: str):
     """While tracing inside this context, `mode()` is `value` (auto, onednn or xla)."""
-    token = _MODE.set(value)
-    try:
+    with tracing.scoped(_MODE, value):
         mode()
         yield
-    finally:
-        _MODE.reset(token)
 
 
-@contextlib.contextmanager
 def portable():
     """While tracing inside this context no custom call is emitted (jax.export, ONNX)."""
-    token = _PORTABLE.set(True)
-    try:
-        yield
-    finally:
-        _PORTABLE.reset(token)
+    return tracing.scoped(_PORTABLE, True)
 
 
 def _onednn_roots() -> list[str]:
