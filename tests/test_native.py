@@ -5,6 +5,8 @@ cannot be built (jaxvision installs it on x86-64 Linux; .ci/run checks that it b
 
 import json
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -108,6 +110,32 @@ def test_matmul_reads_either_operand_transposed(batch, transpose_a, transpose_b)
     swap = lambda t, yes: jnp.swapaxes(t, -1, -2) if yes else t  # noqa: E731
     got = jax.jit(lambda a, b: ops.matmul(a, b, transpose_a, transpose_b))(a, b)
     assert got.shape == batch + (5, 9) and rel(got, swap(a, transpose_a) @ swap(b, transpose_b)) < 1e-6
+
+
+def _matmul_cases():
+    """Every transposition of a 2-D and a batched product on the kernels, against numpy."""
+    rng = np.random.RandomState(0)
+    for batch in ((), (3,)):
+        for ta in (False, True):
+            for tb in (False, True):
+                a, b = rng.randn(*batch, 5, 7).astype(np.float32), rng.randn(*batch, 7, 9).astype(np.float32)
+                stored_a, stored_b = (np.swapaxes(a, -1, -2) if ta else a), (np.swapaxes(b, -1, -2) if tb else b)
+                yield rel(jax.jit(lambda x, y: ops.matmul(x, y, ta, tb))(stored_a, stored_b), a @ b)
+
+
+def test_float32_products_run_on_mkl_unless_turned_off():
+    """With MKL installed (jaxvision's dependency on x86-64 Linux) float32 products run on its sgemm
+    and say so; JAXVISION_MKL=0 keeps them on oneDNN's, which must agree as well."""
+    if native._find_mkl(native._onednn_roots()) is None:
+        pytest.skip("MKL is not installed")
+    assert "float32 products on MKL 20" in native.library().JaxvisionOnednnInfo().decode()
+    assert max(_matmul_cases()) < 1e-5
+    script = ("from tests.test_native import _matmul_cases, native; "
+              "print(native.library().JaxvisionOnednnInfo().decode(), max(_matmul_cases()))")
+    env = {**os.environ, "JAXVISION_MKL": "0", "JAX_NUM_CPU_DEVICES": "1"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    info, worst = out.strip().rsplit(" ", 1)
+    assert info.startswith("oneDNN") and "MKL" not in info and float(worst) < 1e-5
 
 
 @pytest.mark.parametrize("dtype,target,tolerance", [

@@ -9,7 +9,9 @@ over XLA's own intra-op threads. It is compiled with the system's C++ compiler o
 (about 3 s) into `~/.cache/jaxvision/native/<hash>/` and reused by every later process.
 
 Needs oneDNN's library and headers, which jaxvision installs from PyPI on x86-64 Linux
-(onednn-cpu-gomp, onednn-devel-cpu-gomp), and a C++17 compiler. `JAXVISION_CPU_KERNELS` chooses:
+(onednn-cpu-gomp, onednn-devel-cpu-gomp), and a C++17 compiler. Where MKL is installed too (the
+`mkl` package, also a dependency there) float32 products run on its sgemm, as PyTorch's do;
+`JAXVISION_MKL=0` keeps them on oneDNN's. `JAXVISION_CPU_KERNELS` chooses:
   auto   (default) oneDNN when it can be built and JAX has one CPU device, else XLA's own;
   onednn always on CPU, and an error naming the fix when it cannot be built;
   xla    never.
@@ -25,6 +27,7 @@ import contextlib
 import contextvars
 import ctypes
 import functools
+import glob
 import hashlib
 import logging
 import os
@@ -98,14 +101,28 @@ def _find_onednn() -> tuple[str, str]:
                       f"{INSTALL} (or set DNNLROOT to an installation of oneDNN 3)")
 
 
+def _find_mkl(roots: list[str]) -> str | None:
+    """Path of MKL's single dynamic library (libmkl_rt), if installed: the float32 products then
+    run on its sgemm (onednn.cc)."""
+    for root in roots:
+        for lib in ("lib", "lib64"):
+            found = sorted(glob.glob(os.path.join(root, lib, "libmkl_rt.so*")), key=len)
+            if found:
+                return found[0]
+    return None
+
+
 def _cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "jaxvision", "native")
 
 
-def _compile(out: str, compiler: str, include: str, libdir: str) -> None:
+def _compile(out: str, compiler: str, include: str, libdir: str, mkl: str | None) -> None:
     cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", SOURCE, f"-I{include}",
            f"-I{jax.ffi.include_dir()}", f"-L{libdir}", "-ldnnl", "-lgomp", f"-Wl,-rpath,{libdir}", "-o", out]
+    if mkl:  # linked by file name: the PyPI wheel ships libmkl_rt.so.N without the unversioned link
+        folder = os.path.dirname(mkl)
+        cmd[-2:-2] = ["-DJAXVISION_MKL", f"-L{folder}", f"-l:{os.path.basename(mkl)}", f"-Wl,-rpath,{folder}"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise Unavailable(f"compiling {SOURCE} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
@@ -117,13 +134,14 @@ def build(cache_dir: str | None = None) -> str:
     if platform.system() != "Linux":
         raise Unavailable(f"the oneDNN kernels are built for Linux only, not {platform.system()}")
     include, libdir = _find_onednn()
+    mkl = _find_mkl(_onednn_roots())
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not compiler:
         raise Unavailable("no C++ compiler (c++, g++ or $CXX) to build the oneDNN kernels: install one, "
                           "or set JAXVISION_CPU_KERNELS=xla")
     with open(SOURCE, "rb") as f:
         key = hashlib.sha256(f.read() + "|".join([jax.__version__, include, os.path.realpath(
-            os.path.join(libdir, "libdnnl.so")), compiler]).encode()).hexdigest()[:16]
+            os.path.join(libdir, "libdnnl.so")), compiler, mkl or ""]).encode()).hexdigest()[:16]
     folder = os.path.join(cache_dir or _cache_dir(), key)
     path = os.path.join(folder, "libjaxvision_onednn.so")
     if os.path.exists(path):
@@ -138,7 +156,7 @@ def build(cache_dir: str | None = None) -> str:
             fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so")
             os.close(fd)
             try:
-                _compile(tmp, compiler, include, libdir)
+                _compile(tmp, compiler, include, libdir, mkl)
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):

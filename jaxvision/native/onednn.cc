@@ -21,6 +21,11 @@
 // other thunks at the same time, take turns on the same cores: ViT-S's GELU fusions ran 7x
 // slower next to the products. A call whose batch does not divide falls back to the OpenMP team.
 //
+// Float32 products go to MKL's sgemm when the build links it (-DJAXVISION_MKL; the GEMM PyTorch
+// runs): on the Intel VM it multiplies ViT's shapes at 320-340 GFLOP/s where oneDNN 3.2's reaches
+// 240-300, most of all for a transposed operand (experiments/PERF.md). JAXVISION_MKL=0 keeps them
+// on oneDNN. MKL runs sequentially, one chunk per thread like oneDNN.
+//
 // Primitives are created once per shape and thread count and kept (creation JIT-compiles a
 // kernel); the kernel is reordered into the primitive's blocked layout on every call (it is
 // small next to the maps). Scratch memory is a buffer per thread, kept: XLA may create a
@@ -31,6 +36,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -44,11 +50,38 @@
 extern "C" void omp_set_num_threads(int);
 extern "C" int omp_get_num_procs(void);
 
+#ifdef JAXVISION_MKL
+// From mkl.h (LP64 interface, set below; CBLAS enums are ints), so the build needs only libmkl_rt.
+extern "C" {
+int MKL_Set_Interface_Layer(int);
+int MKL_Set_Threading_Layer(int);
+void MKL_Get_Version_String(char*, int);
+void cblas_sgemm(int layout, int transa, int transb, int m, int n, int k, float alpha, const float* a, int lda,
+                 const float* b, int ldb, float beta, float* c, int ldc);
+}
+#endif
+
 namespace ffi = xla::ffi;
 using dnnl::memory;
 using Dims = memory::dims;
 
 namespace {
+
+// Whether float32 products run on MKL: built with it and not turned off by JAXVISION_MKL=0.
+bool UseMkl() {
+#ifdef JAXVISION_MKL
+  static const bool use = [] {
+    const char* env = std::getenv("JAXVISION_MKL");
+    if (env != nullptr && std::string(env) == "0") return false;
+    MKL_Set_Interface_Layer(0);  // MKL_INTERFACE_LP64: 32-bit integers, as declared above
+    MKL_Set_Threading_Layer(1);  // MKL_THREADING_SEQUENTIAL: the chunks are the threads
+    return true;
+  }();
+  return use;
+#else
+  return false;
+#endif
+}
 
 // What a cached plan is for (the first entry of its key).
 enum Kind : int64_t { kForward, kBackwardData, kBackwardWeights, kMatmul, kLayerNorm, kSoftmax };
@@ -376,6 +409,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi:
   const bool by_batch = batch >= threads && batch % threads == 0;
   const int64_t chunks = by_batch ? threads : std::min<int64_t>(threads, g.m_total);
   const int64_t block = (g.m_total + chunks - 1) / chunks;
+  const bool mkl = UseMkl() && g.in == memory::data_type::f32 && g.result == memory::data_type::f32;
   std::string error = ParallelFor(pool, chunks, [&](int64_t i) {
     MatmulGeometry c = g;
     c.threads = 1;
@@ -383,10 +417,21 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi:
     const int64_t row0 = by_batch ? 0 : i * block, batch0 = by_batch ? i * c.batch : 0;
     c.rows = by_batch ? g.m_total : std::min(block, g.m_total - row0);
     if (c.rows <= 0) return;
-    const MatmulPlan& p = CachedMatmul(c);
-    auto& e = Engine();
     const int64_t a_off = batch0 * g.m_total * g.k + row0 * (g.ta ? 1 : g.k);
     const int64_t b_off = batch0 * g.k * g.n, out_off = batch0 * g.m_total * g.n + row0 * g.n;
+    if (mkl) {
+#ifdef JAXVISION_MKL
+      const float* ap = static_cast<const float*>(a.untyped_data()) + a_off;
+      const float* bp = static_cast<const float*>(b.untyped_data()) + b_off;
+      float* op = static_cast<float*>(out->untyped_data()) + out_off;
+      for (int64_t j = 0; j < c.batch; ++j)  // CblasRowMajor, CblasNoTrans or CblasTrans
+        cblas_sgemm(101, g.ta ? 112 : 111, g.tb ? 112 : 111, c.rows, g.n, g.k, 1.f, ap + j * g.m_total * g.k,
+                    g.ta ? g.m_total : g.k, bp + j * g.k * g.n, g.tb ? g.k : g.n, 0.f, op + j * g.m_total * g.n, g.n);
+#endif
+      return;
+    }
+    const MatmulPlan& p = CachedMatmul(c);
+    auto& e = Engine();
     p.primitive.execute(Stream(), {{DNNL_ARG_SRC, memory(p.a, e, Offset(a.untyped_data(), a_off, g.in))},
                                    {DNNL_ARG_WEIGHTS, memory(p.b, e, Offset(b.untyped_data(), b_off, g.in))},
                                    {DNNL_ARG_DST, memory(p.out, e, Offset(out->untyped_data(), out_off, g.result))},
@@ -649,7 +694,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxvisionAttentionBackward, AttentionBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-// The instruction set oneDNN dispatches to on this CPU and its version, for logs.
+// The instruction set oneDNN dispatches to on this CPU and its version, and MKL's when float32
+// products run on it, for logs.
 extern "C" const char* JaxvisionOnednnInfo() {
   static std::string info = [] {
     const dnnl_version_t* v = dnnl_version();
@@ -659,8 +705,19 @@ extern "C" const char* JaxvisionOnednnInfo() {
         {dnnl::cpu_isa::avx512_core_vnni, "avx512_core_vnni"}, {dnnl::cpu_isa::avx512_core_bf16, "avx512_core_bf16"},
         {dnnl::cpu_isa::avx512_core_amx, "avx512_core_amx"}};
     auto it = names.find(dnnl::get_effective_cpu_isa());
-    return "oneDNN " + std::to_string(v->major) + "." + std::to_string(v->minor) + "." + std::to_string(v->patch) +
-           " (" + (it == names.end() ? "other isa" : it->second) + ")";
+    std::string info = "oneDNN " + std::to_string(v->major) + "." + std::to_string(v->minor) + "." +
+                       std::to_string(v->patch) + " (" + (it == names.end() ? "other isa" : it->second) + ")";
+#ifdef JAXVISION_MKL
+    if (UseMkl()) {
+      char text[256] = {};  // "Intel(R) oneAPI Math Kernel Library Version 2026.2.1-Product Build ..."
+      MKL_Get_Version_String(text, sizeof(text) - 1);
+      std::string version(text);
+      const size_t at = version.find("Version ");
+      version = at == std::string::npos ? "" : version.substr(at + 8, version.find_first_of("- ", at + 8) - at - 8);
+      info += ", float32 products on MKL " + version;
+    }
+#endif
+    return info;
   }();
   return info.c_str();
 }
