@@ -137,6 +137,21 @@ def test_strided_pointwise_subsamples_with_a_reduce_window():
     assert "slice" in inference and "reduce_window" not in inference  # free for XLA's GEMM
 
 
+@pytest.mark.parametrize("batch", [1, 5, 16])
+def test_position_embedding_gradient_sums_the_batch_by_halves(batch):
+    """`conv.add_across_batch`: autodiff's values, and on CPU no reduce, which XLA:CPU runs 10x
+    slower over a leading axis (`conv.sum_by_halves`)."""
+    x, y = jax.random.normal(jax.random.key(0), (batch, 7, 6)), jax.random.normal(jax.random.key(1), (1, 7, 6))
+    loss = lambda add: lambda x, y: jnp.sum(jnp.sin(add(x, y)))  # noqa: E731
+    got = jax.jit(jax.grad(loss(conv.add_across_batch), (0, 1)))(x, y)
+    want = jax.grad(loss(jnp.add), (0, 1))(x, y)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    assert "reduce" not in jax.jit(jax.grad(loss(conv.add_across_batch), 1)).lower(x, y).as_text()
+    with conv.lax_only():
+        assert "reduce" in jax.jit(jax.grad(loss(conv.add_across_batch), 1)).lower(x, y).as_text()
+
+
 DENSE_CASES = [  # (input shape, contracted axes, features)
     ((2, 5, 8), -1, 16),  # MLP fc1
     ((2, 5, 16), -1, 8),  # MLP fc2

@@ -149,6 +149,13 @@ def _feature_matmul_bwd(n_in, precision, residuals, dy):
 feature_matmul.defvjp(_feature_matmul_fwd, _feature_matmul_bwd)
 
 
+def features(x, w, n_in=1, precision=None):
+    """`feature_matmul`, on the native kernels when they are on (`jaxvision.native`)."""
+    if native.enabled() and native_ops.dense_supported(x, w):
+        return native_ops.dense(x, w, n_in)
+    return feature_matmul(x, w, n_in, precision)
+
+
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     """Drop-in for `lax.dot_general` (as `nn.DenseGeneral(dot_general=...)`): a dense layer's
     contraction of trailing input axes with leading kernel axes is `feature_matmul` on CPU."""
@@ -156,11 +163,38 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     n = len(lc)
     if (lowering() and not lb and not rb and preferred_element_type is None
             and tuple(lc) == tuple(range(lhs.ndim - n, lhs.ndim)) and tuple(rc) == tuple(range(n))):
-        if native.enabled() and native_ops.dense_supported(lhs, rhs):
-            return native_ops.dense(lhs, rhs, n)
-        return feature_matmul(lhs, rhs, n, precision)
+        return features(lhs, rhs, n, precision)
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
+
+
+def sum_by_halves(x):
+    """x summed over its leading axis, keeping it, as pairwise adds of halves. XLA:CPU reduces a
+    leading axis with many outputs 10-60x slower than this (16x197x384: 5.4 against 0.5 ms,
+    256x197x384: 115 against 1.9 ms; experiments/PERF.md)."""
+    while x.shape[0] > 1:
+        half = x.shape[0] // 2
+        x = jnp.concatenate([x[:half] + x[half:2 * half], x[2 * half:]]) if x.shape[0] % 2 else x[:half] + x[half:]
+    return x
+
+
+@jax.custom_vjp
+def add_across_batch(x, y):
+    """x + y for y of shape (1, *x.shape[1:]) (ViT's position embedding), whose gradient for y
+    sums the batch by halves on CPU (`sum_by_halves`)."""
+    return x + y
+
+
+def _add_across_batch_fwd(x, y):
+    return x + y, y
+
+
+def _add_across_batch_bwd(y, dy):
+    dy_sum = sum_by_halves(dy) if lowering() else jnp.sum(dy, 0, keepdims=True)
+    return dy, dy_sum.astype(y.dtype)
+
+
+add_across_batch.defvjp(_add_across_batch_fwd, _add_across_batch_bwd)
 
 
 def subsample(x, strides):
@@ -212,8 +246,7 @@ def patch_matmul(x, kernel, precision=None):
     (kh, kw), (n, h, w, c) = kernel.shape[:2], x.shape
     x = x[:, :h - h % kh, :w - w % kw]  # rows and columns no patch covers, as 'VALID' drops them
     x = x.reshape(n, h // kh, kh, w // kw, kw, c).transpose(0, 1, 3, 2, 4, 5)
-    return feature_matmul(x.reshape(n, h // kh, w // kw, kh * kw * c), kernel.reshape(-1, kernel.shape[-1]), 1,
-                          precision)
+    return features(x.reshape(n, h // kh, w // kw, kh * kw * c), kernel.reshape(-1, kernel.shape[-1]), 1, precision)
 
 
 def _depthwise(x, kernel, strides, pads):

@@ -198,8 +198,8 @@ class VisionTransformer(layers.ZooModule, kw_only=True):
             nn.initializers.normal(0.02), (None, None, "embed")),
             (1, self.num_prefix + grid * grid, d), self.param_dtype)
         pos = resample_pos_embed(pos, self.num_prefix, (gh, gw))
-        x = jnp.concatenate([jnp.broadcast_to(t, (b, 1, d)).astype(self.dtype) for t in prefix]
-                            + [x.reshape(b, gh * gw, d)], axis=1) + pos.astype(self.dtype)
+        x = conv.add_across_batch(jnp.concatenate([jnp.broadcast_to(t, (b, 1, d)).astype(self.dtype) for t in prefix]
+                                                  + [x.reshape(b, gh * gw, d)], axis=1), pos.astype(self.dtype))
         x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
         blocks = [functools.partial(Block, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                                     drop_rate=self.drop_rate,
