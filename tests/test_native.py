@@ -154,6 +154,21 @@ def test_vit_attention_on_onednn_matches_xla(dtype, target, tolerance):
         assert got.dtype == dtype and rel(got, want) < tolerance
 
 
+def test_fused_attention_reads_the_projection_in_place():
+    """ViT's (batch, tokens, 3, heads, d) projection output straight into the kernel, and its
+    gradient straight out: values and gradients as XLA's, and no transpose left to XLA."""
+    qkv = jax.random.normal(jax.random.key(0), (2, 9, 3, 3, 8))
+    loss = lambda qkv: jnp.sum(jnp.sin(vit.fused_attention(qkv)))  # noqa: E731
+    results = {}
+    for kernels in ("onednn", "xla"):
+        with native.use(kernels):
+            results[kernels] = (jax.jit(lambda a: vit.fused_attention(a))(qkv), jax.jit(lambda a: jax.grad(loss)(a))(qkv))
+    program = hlo(lambda a: jax.grad(loss)(a), qkv)
+    assert "jaxvision_attention_bwd" in program and "transpose" not in program
+    for got, want in zip(results["onednn"], results["xla"]):
+        assert got.shape == want.shape and rel(got, want) < 1e-5
+
+
 def test_layer_norm_matches_flax():
     """Same parameters as `nn.LayerNorm` (checkpoints and converted weights load either way),
     same values and gradients."""

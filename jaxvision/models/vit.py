@@ -34,6 +34,15 @@ def resample_pos_embed(pos, num_prefix: int, grid: tuple[int, int]):
     return jnp.concatenate([prefix, patches.reshape(1, -1, d).astype(pos.dtype)], axis=1)
 
 
+def fused_attention(qkv):
+    """`attention` of a fused projection's (batch, tokens, 3, heads, head_dim) output. On CPU with
+    the native kernels, in float32, one call reads the heads from it in place and writes the
+    output tokens-first (`native_ops.attention`): none of the transposes XLA would copy."""
+    if conv.lowering() and native.enabled() and qkv.dtype == jnp.float32:
+        return native_ops.attention(qkv)
+    return attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+
+
 def attention(q, k, v):
     """Softmax attention over (batch, tokens, heads, head_dim) queries, keys and values; logits and
     softmax in float32. On CPU oneDNN's one head at a time (`native_ops.attention`, float32) or
@@ -41,14 +50,10 @@ def attention(q, k, v):
     GPU and TPU)."""
     if not conv.lowering():
         return jax.nn.dot_product_attention(q, k, v)
-    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-    q = q * q.shape[-1] ** -0.5
     if native.enabled() and q.dtype == k.dtype == v.dtype == jnp.float32:
-        b, h, n, d = q.shape
-        o = native_ops.attention(*(t.reshape(b * h, n, d) for t in (q, k, v))).reshape(b, h, n, d)
-    else:
-        o = _cpu_attention(q, k, v)
-    return o.transpose(0, 2, 1, 3)
+        return native_ops.attention(jnp.stack((q, k, v), axis=2))
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+    return _cpu_attention(q * q.shape[-1] ** -0.5, k, v).transpose(0, 2, 1, 3)
 
 
 def _matmul(a, b, transpose_a=False, transpose_b=False):
@@ -111,7 +116,7 @@ class Attention(layers.ZooModule, kw_only=True):
         d = x.shape[-1]
         qkv = self.dense((3, self.num_heads, d // self.num_heads),
                          axes=("embed", None, "heads", "kv"), name="qkv")(x)
-        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        out = fused_attention(qkv)
         return self.dense(d, in_axes=(-2, -1), axes=("heads", "kv", "embed"), name="proj")(out)
 
 

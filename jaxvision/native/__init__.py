@@ -118,7 +118,7 @@ def _cache_dir() -> str:
 
 
 def _compile(out: str, compiler: str, include: str, libdir: str, mkl: str | None) -> None:
-    cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", SOURCE, f"-I{include}",
+    cmd = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", SOURCE, f"-I{include}",
            f"-I{jax.ffi.include_dir()}", f"-L{libdir}", "-ldnnl", "-lgomp", f"-Wl,-rpath,{libdir}", "-o", out]
     if mkl:  # linked by file name: the PyPI wheel ships libmkl_rt.so.N without the unversioned link
         folder = os.path.dirname(mkl)

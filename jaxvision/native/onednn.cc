@@ -12,8 +12,8 @@
 //   jaxvision_matmul            (a, b)  -> out  (2-D or batched 3-D, either operand transposed)
 //   jaxvision_layer_norm_fwd    (x, scale, shift)          -> (y, mean, variance)   (float32, rows of x)
 //   jaxvision_layer_norm_bwd    (x, dy, scale, mean, var)  -> (dx, dscale, dshift)
-//   jaxvision_attention_fwd     (q, k, v)          -> (o, p)          (float32, (heads, tokens, dim))
-//   jaxvision_attention_bwd     (q, k, v, p, do)   -> (dq, dk, dv)
+//   jaxvision_attention_fwd     (qkv)              -> (o, p)   (float32, qkv (b, n, 3, h, d), o (b, n, h, d))
+//   jaxvision_attention_bwd     (qkv, p, do)       -> dqkv
 //
 // Threads: the work of a call is cut into one chunk per thread of XLA's intra-op pool (batch
 // halves, or row blocks of a product), and each chunk runs oneDNN on one thread. Letting oneDNN
@@ -549,9 +549,12 @@ ffi::Error LayerNormBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
 // Softmax attention one head at a time, every step a oneDNN primitive on one thread: the head's
 // (n, n) scores stay in cache from the product that makes them through the softmax to the
 // product that uses them, where XLA passes the whole batch's scores through memory between
-// separate kernels. q comes scaled; p, the normalised probabilities, is kept for the backward:
+// separate kernels. The heads are read from the fused projection's (b, n, 3, h, d) output and
+// the output written as (b, n, h, d), each head copied through contiguous (n, d) buffers in cache
+// (oneDNN's products read strided operands slower, and XLA's transposes cost more: PERF.md).
+// q is scaled on the way in; p, the normalised probabilities, is kept for the backward:
 // dv = p^T do, dp = do v^T, ds = p * (dp - rowsum(dp * p)) (oneDNN's softmax backward),
-// dq = ds k, dk = ds^T q.
+// dq = scale ds k, dk = ds^T (scale q).
 struct SoftmaxPlan {
   dnnl::softmax_forward forward;
   dnnl::softmax_backward backward;
@@ -595,43 +598,90 @@ std::string EachHead(ffi::ThreadPool& pool, int64_t heads, const F& fn) {
   });
 }
 
-ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                            ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> p) {
-  auto dims = q.dimensions();
-  const int64_t heads = dims[0], n = dims[1], d = dims[2];
-  std::string error = EachHead(pool, heads, [&](int64_t h) {
-    const float *qh = q.typed_data() + h * n * d, *kh = k.typed_data() + h * n * d, *vh = v.typed_data() + h * n * d;
-    float* ph = p->typed_data() + h * n * n;
-    HeadMatmul(qh, kh, ph, n, d, n, false, true);
+// One head's (n, d) rows, `stride` floats apart in `from`, copied to `to` times `scale`, or back.
+void Rows(const float* from, int64_t from_stride, float* to, int64_t to_stride, int64_t n, int64_t d, float scale) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float* __restrict__ a = from + t * from_stride;
+    float* __restrict__ b = to + t * to_stride;
+    if (scale == 1.f) {
+      std::memcpy(b, a, d * sizeof(float));
+    } else {
+      for (int64_t j = 0; j < d; ++j) b[j] = a[j] * scale;
+    }
+  }
+}
+
+void Gather(const float* from, int64_t stride, float* to, int64_t n, int64_t d, float scale) {
+  Rows(from, stride, to, d, n, d, scale);
+}
+
+void Scatter(const float* from, float* to, int64_t stride, int64_t n, int64_t d, float scale) {
+  Rows(from, d, to, stride, n, d, scale);
+}
+
+// Where head `i` of (b, n, 3, h, d) q, k, v (part 0, 1, 2) and of (b, n, h, d) o starts.
+struct Heads {
+  int64_t n, h, d;
+  int64_t Qkv(int64_t i, int64_t part) const { return (i / h) * n * 3 * h * d + part * h * d + (i % h) * d; }
+  int64_t Out(int64_t i) const { return (i / h) * n * h * d + (i % h) * d; }
+};
+
+ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::ResultBuffer<ffi::F32> o,
+                            ffi::ResultBuffer<ffi::F32> p, float scale) {
+  auto dims = qkv.dimensions();
+  const Heads at{dims[1], dims[3], dims[4]};
+  const int64_t n = at.n, d = at.d, row = 3 * at.h * d;
+  const float* in = qkv.typed_data();
+  std::string error = EachHead(pool, dims[0] * at.h, [&](int64_t i) {
+    thread_local std::vector<float> buffer;  // q, k, v, o of this head
+    buffer.resize(4 * n * d);
+    float *q = buffer.data(), *k = q + n * d, *v = k + n * d, *out = v + n * d;
+    Gather(in + at.Qkv(i, 0), row, q, n, d, scale);
+    Gather(in + at.Qkv(i, 1), row, k, n, d, 1.f);
+    Gather(in + at.Qkv(i, 2), row, v, n, d, 1.f);
+    float* ph = p->typed_data() + i * n * n;
+    HeadMatmul(q, k, ph, n, d, n, false, true);
     const SoftmaxPlan& s = CachedSoftmax(n);
     memory scores(s.scores, Engine(), ph);
     s.forward.execute(Stream(), {{DNNL_ARG_SRC, scores}, {DNNL_ARG_DST, scores},
                                  {DNNL_ARG_SCRATCHPAD, Scratch(s.forward_scratch)}});
-    HeadMatmul(ph, vh, o->typed_data() + h * n * d, n, n, d, false, false);
+    HeadMatmul(ph, v, out, n, n, d, false, false);
+    Stream().wait();  // out is read next, by this thread
+    Scatter(out, o->typed_data() + at.Out(i), at.h * d, n, d, 1.f);
   });
   if (!error.empty()) return ffi::Error::Internal("jaxvision oneDNN attention: " + error);
   return ffi::Error::Success();
 }
 
-ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                             ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> dout,
-                             ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                             ffi::ResultBuffer<ffi::F32> dv) {
-  auto dims = q.dimensions();
-  const int64_t heads = dims[0], n = dims[1], d = dims[2];
-  std::string error = EachHead(pool, heads, [&](int64_t h) {
-    const int64_t map = h * n * d;
-    const float* ph = p.typed_data() + h * n * n;
-    thread_local std::vector<float> grad;  // this head's dp, then ds
-    grad.resize(n * n);
-    HeadMatmul(ph, dout.typed_data() + map, dv->typed_data() + map, n, n, d, true, false);
-    HeadMatmul(dout.typed_data() + map, v.typed_data() + map, grad.data(), n, d, n, false, true);
+ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> p,
+                             ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dqkv, float scale) {
+  auto dims = qkv.dimensions();
+  const Heads at{dims[1], dims[3], dims[4]};
+  const int64_t n = at.n, d = at.d, row = 3 * at.h * d;
+  const float* in = qkv.typed_data();
+  float* grad_in = dqkv->typed_data();
+  std::string error = EachHead(pool, dims[0] * at.h, [&](int64_t i) {
+    thread_local std::vector<float> buffer;  // q, k, v, do, dq, dk, dv of this head, then dp and ds
+    buffer.resize(7 * n * d + n * n);
+    float *q = buffer.data(), *k = q + n * d, *v = k + n * d, *dout_h = v + n * d;
+    float *dq = dout_h + n * d, *dk = dq + n * d, *dv = dk + n * d, *grad = dv + n * d;
+    Gather(in + at.Qkv(i, 0), row, q, n, d, scale);
+    Gather(in + at.Qkv(i, 1), row, k, n, d, 1.f);
+    Gather(in + at.Qkv(i, 2), row, v, n, d, 1.f);
+    Gather(dout.typed_data() + at.Out(i), at.h * d, dout_h, n, d, 1.f);
+    const float* ph = p.typed_data() + i * n * n;
+    HeadMatmul(ph, dout_h, dv, n, n, d, true, false);
+    HeadMatmul(dout_h, v, grad, n, d, n, false, true);
     const SoftmaxPlan& s = CachedSoftmax(n);
-    memory probs(s.scores, Engine(), const_cast<float*>(ph)), ds(s.scores, Engine(), grad.data());
+    memory probs(s.scores, Engine(), const_cast<float*>(ph)), ds(s.scores, Engine(), grad);
     s.backward.execute(Stream(), {{DNNL_ARG_DST, probs}, {DNNL_ARG_DIFF_DST, ds}, {DNNL_ARG_DIFF_SRC, ds},
                                   {DNNL_ARG_SCRATCHPAD, Scratch(s.backward_scratch)}});
-    HeadMatmul(grad.data(), k.typed_data() + map, dq->typed_data() + map, n, n, d, false, false);
-    HeadMatmul(grad.data(), q.typed_data() + map, dk->typed_data() + map, n, n, d, true, false);
+    HeadMatmul(grad, k, dq, n, n, d, false, false);
+    HeadMatmul(grad, q, dk, n, n, d, true, false);
+    Stream().wait();
+    Scatter(dq, grad_in + at.Qkv(i, 0), row, n, d, scale);
+    Scatter(dk, grad_in + at.Qkv(i, 1), row, n, d, 1.f);
+    Scatter(dv, grad_in + at.Qkv(i, 2), row, n, d, 1.f);
   });
   if (!error.empty()) return ffi::Error::Internal("jaxvision oneDNN attention: " + error);
   return ffi::Error::Success();
@@ -678,21 +728,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxvisionAttentionForward, AttentionForward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxvisionAttentionBackward, AttentionBackward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Attr<float>("scale"));
 
 // The instruction set oneDNN dispatches to on this CPU and its version, and MKL's when float32
 // products run on it, for logs.

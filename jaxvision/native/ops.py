@@ -151,31 +151,31 @@ def _layer_norm_bwd(epsilon, residuals, dy):
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-def _attention_fwd_call(q, k, v):
+def _attention_fwd_call(qkv):
     native.library()
-    heads, n, _ = q.shape
-    return jax.ffi.ffi_call("jaxvision_attention_fwd", (jax.ShapeDtypeStruct(q.shape, jnp.float32),
-                                                        jax.ShapeDtypeStruct((heads, n, n), jnp.float32)),
-                            vmap_method="sequential")(q, k, v)
+    b, n, _, h, d = qkv.shape
+    return jax.ffi.ffi_call("jaxvision_attention_fwd", (jax.ShapeDtypeStruct((b, n, h, d), jnp.float32),
+                                                        jax.ShapeDtypeStruct((b * h, n, n), jnp.float32)),
+                            vmap_method="sequential")(qkv, scale=np.float32(d ** -0.5))
 
 
 @jax.custom_vjp
-def attention(q, k, v):
-    """softmax(q k^T) v over float32 (heads, tokens, dim) q (already scaled), k and v, one head at
-    a time through oneDNN's products and softmax; the probabilities are kept for the backward."""
-    return _attention_fwd_call(q, k, v)[0]
+def attention(qkv):
+    """softmax(q k^T / sqrt(d)) v of float32 q, k, v stacked as (batch, tokens, 3, heads, d) (a
+    fused projection's output), as (batch, tokens, heads, d): one head at a time through oneDNN's
+    products and softmax, no transposes outside; the probabilities are kept for the backward."""
+    return _attention_fwd_call(qkv)[0]
 
 
-def _attention_fwd(q, k, v):
-    o, p = _attention_fwd_call(q, k, v)
-    return o, (q, k, v, p)
+def _attention_fwd(qkv):
+    o, p = _attention_fwd_call(qkv)
+    return o, (qkv, p)
 
 
 def _attention_bwd(residuals, do):
-    q, k, v, p = residuals
-    shape = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    return tuple(jax.ffi.ffi_call("jaxvision_attention_bwd", (shape, shape, shape), vmap_method="sequential")(
-        q, k, v, p, do))
+    qkv, p = residuals
+    return (jax.ffi.ffi_call("jaxvision_attention_bwd", jax.ShapeDtypeStruct(qkv.shape, jnp.float32),
+                             vmap_method="sequential")(qkv, p, do, scale=np.float32(qkv.shape[-1] ** -0.5)),)
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
