@@ -44,6 +44,8 @@ def test_gelu_is_the_exact_gelu():
     np.testing.assert_allclose(layers.gelu(x), nn.gelu(x, approximate=False), atol=1e-6)
     np.testing.assert_allclose(jax.grad(lambda t: layers.gelu(t).sum())(x),
                                jax.grad(lambda t: nn.gelu(t, approximate=False).sum())(x), atol=1e-6)
+    # rematerialised: the backward computes erf again rather than keeping the forward's
+    assert str(jax.make_jaxpr(jax.grad(lambda t: layers.gelu(t).sum()))(x)).count("erf") == 2
 
 
 def test_bfloat16_feature_matmul_accumulates_in_float32_and_returns_bfloat16():
