@@ -1,0 +1,63 @@
+"""ViT-S's pieces on the native CPU kernels, batch 16 at 224 px (3152 tokens), best of N jitted calls:
+
+  products   the dense layers' products through `jaxvision_matmul` (forward x w, kernel gradient
+             x^T dy, input gradient dy w^T) in GFLOP/s; run once with JAXVISION_MKL=0 and once
+             without to compare oneDNN's and MKL's
+  attention  one attention layer (fused qkv in, output projection after), forward and forward +
+             backward, in ms
+  batch sum  the position embedding's gradient: XLA's reduce over the batch against
+             `conv.sum_by_halves`, in ms
+
+    python experiments/vit_kernels.py [--reps 15]
+"""
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxvision import native
+from jaxvision.models import conv, vit
+from jaxvision.native import ops
+
+
+def best_ms(fn, *args, reps):
+    fn = jax.jit(fn)
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=15)
+    reps = parser.parse_args().reps
+    with native.use("onednn"):
+        print("kernels:", native.describe())
+        print("\nproducts, GFLOP/s (m x k x n)      forward   x^T dy   dy w^T")
+        for m, k, n in [(3152, 384, 1152), (3152, 384, 384), (3152, 384, 1536), (3152, 1536, 384)]:
+            x, w, dy = (jax.random.normal(jax.random.key(i), s) for i, s in enumerate([(m, k), (k, n), (m, n)]))
+            rate = lambda ms: 2 * m * k * n / ms / 1e6  # noqa: E731
+            fwd = best_ms(ops.matmul, x, w, reps=reps)
+            dw = best_ms(lambda a, b: ops.matmul(a, b, transpose_a=True), x, dy, reps=reps)
+            dx = best_ms(lambda a, b: ops.matmul(a, b, transpose_b=True), dy, w, reps=reps)
+            print(f"  {m} x {k:4d} x {n:4d}              {rate(fwd):7.0f}  {rate(dw):7.0f}  {rate(dx):7.0f}")
+
+        qkv = jax.random.normal(jax.random.key(0), (16, 197, 3, 6, 64))
+        proj = jax.random.normal(jax.random.key(1), (6, 64, 384)) * 0.05
+        loss = lambda qkv, w: jnp.sum(jnp.einsum("bnhd,hde->bne", vit.fused_attention(qkv), w) ** 2)  # noqa: E731
+        print(f"\nattention layer: forward {best_ms(loss, qkv, proj, reps=reps):.2f} ms, forward + backward "
+              f"{best_ms(jax.grad(loss, (0, 1)), qkv, proj, reps=reps):.2f} ms")
+
+    grad = jax.random.normal(jax.random.key(2), (16, 197, 384))
+    print(f"batch sum 16x197x384: reduce {best_ms(lambda g: jnp.sum(g, 0, keepdims=True), grad, reps=reps):.2f} ms, "
+          f"by halves {best_ms(conv.sum_by_halves, grad, reps=reps):.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
