@@ -1,7 +1,9 @@
 """Test session setup: 8 virtual CPU devices for sharding tests (must be set before JAX starts),
 absl flags marked parsed so grain and absl-using code run under pytest, and one persistent
 compilation cache for the session and the command-line runs it spawns (many tests compile the
-same tiny train step; sharing it cut tests/test_engine.py from 200 s to 152 s)."""
+same tiny train step; sharing it cut tests/test_engine.py from 200 s to 152 s). pytest-xdist's
+workers inherit the controller's environment, so they share the cache, and the controller
+removes it."""
 
 import os
 import shutil
