@@ -12,10 +12,11 @@
 """
 
 import argparse
-import time
+import functools
 
 import jax
 import jax.numpy as jnp
+from conv_layers import best_ms as best_call_ms
 
 from jaxvision import native
 from jaxvision.models import conv, vit
@@ -23,14 +24,9 @@ from jaxvision.native import ops
 
 
 def best_ms(fn, *args, reps):
+    """Best of `reps` calls of `fn` jitted, after a warm-up call."""
     fn = jax.jit(fn)
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3
+    return best_call_ms(lambda: jax.block_until_ready(fn(*args)), reps)
 
 
 def main():
@@ -42,11 +38,11 @@ def main():
         print("\nproducts, GFLOP/s (m x k x n)      forward   x^T dy   dy w^T")
         for m, k, n in [(3152, 384, 1152), (3152, 384, 384), (3152, 384, 1536), (3152, 1536, 384)]:
             x, w, dy = (jax.random.normal(jax.random.key(i), s) for i, s in enumerate([(m, k), (k, n), (m, n)]))
-            rate = lambda ms: 2 * m * k * n / ms / 1e6  # noqa: E731
+            mflop = 2 * m * k * n / 1e6
             fwd = best_ms(ops.matmul, x, w, reps=reps)
-            dw = best_ms(lambda a, b: ops.matmul(a, b, transpose_a=True), x, dy, reps=reps)
-            dx = best_ms(lambda a, b: ops.matmul(a, b, transpose_b=True), dy, w, reps=reps)
-            print(f"  {m} x {k:4d} x {n:4d}              {rate(fwd):7.0f}  {rate(dw):7.0f}  {rate(dx):7.0f}")
+            dw = best_ms(functools.partial(ops.matmul, transpose_a=True), x, dy, reps=reps)
+            dx = best_ms(functools.partial(ops.matmul, transpose_b=True), dy, w, reps=reps)
+            print(f"  {m} x {k:4d} x {n:4d}              {mflop / fwd:7.0f}  {mflop / dw:7.0f}  {mflop / dx:7.0f}")
 
         qkv = jax.random.normal(jax.random.key(0), (16, 197, 3, 6, 64))
         proj = jax.random.normal(jax.random.key(1), (6, 64, 384)) * 0.05
