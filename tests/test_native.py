@@ -104,12 +104,15 @@ def test_dense_matches_lax(shape, axis, features):
 @pytest.mark.parametrize("transpose_a", [False, True])
 @pytest.mark.parametrize("transpose_b", [False, True])
 @pytest.mark.parametrize("batch", [(), (3,), (2, 3)])
-def test_matmul_reads_either_operand_transposed(batch, transpose_a, transpose_b):
-    a = jax.random.normal(jax.random.key(0), batch + ((7, 5) if transpose_a else (5, 7)))
-    b = jax.random.normal(jax.random.key(1), batch + ((9, 7) if transpose_b else (7, 9)))
-    swap = lambda t, yes: jnp.swapaxes(t, -1, -2) if yes else t  # noqa: E731
+@pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_matmul_reads_either_operand_transposed(batch, transpose_a, transpose_b, dtype, tolerance):
+    """Row blocks of one matrix as well as batches (bfloat16 ones described as dense for AMX)."""
+    a = jax.random.normal(jax.random.key(0), batch + ((7, 5) if transpose_a else (5, 7))).astype(dtype)
+    b = jax.random.normal(jax.random.key(1), batch + ((9, 7) if transpose_b else (7, 9))).astype(dtype)
+    swap = lambda t, yes: jnp.swapaxes(t, -1, -2).astype(jnp.float32) if yes else t.astype(jnp.float32)  # noqa: E731
     got = jax.jit(lambda a, b: ops.matmul(a, b, transpose_a, transpose_b))(a, b)
-    assert got.shape == batch + (5, 9) and rel(got, swap(a, transpose_a) @ swap(b, transpose_b)) < 1e-6
+    want = swap(a, transpose_a) @ swap(b, transpose_b)
+    assert got.shape == batch + (5, 9) and got.dtype == dtype and rel(got, want) < tolerance
 
 
 def _matmul_cases():

@@ -376,9 +376,14 @@ struct MatmulPlan {
 
 MatmulPlan MakeMatmulPlan(const MatmulGeometry& g) {
   const int64_t m = g.m_total, k = g.k, n = g.n;
-  memory::desc a({g.batch, g.rows, k}, g.in, g.ta ? Dims{m * k, 1, m} : Dims{m * k, k, 1});
+  // A bfloat16 matrix: a row block's batch stride as if it were dense, since oneDNN's brgemm (AMX,
+  // 1.5-2x its gemm:jit fallback) only recognises a plain layout by its strides. Float32 keeps the
+  // fallback, measured faster than brgemm as row blocks (experiments/PERF.md).
+  const bool dense = g.batch == 1 && g.in == memory::data_type::bf16;
+  const int64_t a_batch = dense ? g.rows * k : m * k, out_batch = dense ? g.rows * n : m * n;
+  memory::desc a({g.batch, g.rows, k}, g.in, g.ta ? Dims{a_batch, 1, m} : Dims{a_batch, k, 1});
   memory::desc b({g.batch, k, n}, g.in, g.tb ? Dims{k * n, 1, k} : Dims{k * n, n, 1});
-  memory::desc out({g.batch, g.rows, n}, g.result, Dims{m * n, n, 1});
+  memory::desc out({g.batch, g.rows, n}, g.result, Dims{out_batch, n, 1});
   auto pd = dnnl::matmul::primitive_desc(Engine(), a, b, out, Attributes());
   return MatmulPlan{dnnl::matmul(pd), a, b, out, pd.scratchpad_desc()};
 }
