@@ -11,7 +11,7 @@ from flax import linen as nn
 from jax import lax
 
 from jaxvision import native
-from jaxvision.models import conv, winograd
+from jaxvision.models import conv, layers, winograd
 
 
 @pytest.fixture(autouse=True)
@@ -158,6 +158,28 @@ DENSE_CASES = [  # (input shape, contracted axes, features)
     ((2, 5, 8), -1, (3, 2, 4)),  # qkv: several output axes
     ((2, 5, 2, 4), (-2, -1), 8),  # attention output: several input axes
 ]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape,axis,features", DENSE_CASES)
+def test_zoo_dense_is_flax_dense_with_the_bias_gradient_summed_in_float32(shape, axis, features, dtype):
+    """`layers.DenseGeneral`: flax's parameters, values and gradients, its bias gradient summed
+    from the float32 output gradient (`conv.add_bias`; XLA:CPU sums bfloat16 30x slower)."""
+    x = jax.random.normal(jax.random.key(0), shape).astype(dtype)
+    ours, ref = (cls(features, axis=axis, dtype=dtype, bias_init=nn.initializers.normal(1.0))
+                 for cls in (layers.DenseGeneral, nn.DenseGeneral))
+    params = ref.init(jax.random.key(1), x)
+    for a, b in zip(jax.tree.leaves(ours.init(jax.random.key(1), x)), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(ours.apply(params, x).astype(jnp.float32), ref.apply(params, x).astype(jnp.float32))
+    loss = lambda layer: lambda p: jnp.sum(jnp.sin(layer.apply(p, x).astype(jnp.float32)))  # noqa: E731
+    tolerance = 1e-6 if dtype == jnp.float32 else 2e-2
+    for a, b in zip(jax.tree.leaves(jax.grad(loss(ours))(params)), jax.tree.leaves(jax.grad(loss(ref))(params))):
+        np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * float(jnp.max(jnp.abs(b))))
+    summed = {cls: [str(e.invars[0].aval.dtype) for e in jax.make_jaxpr(jax.grad(loss(layer)))(params).eqns
+                    if e.primitive.name == "reduce_sum"] for cls, layer in ((layers.DenseGeneral, ours), (nn, ref))}
+    assert set(summed[layers.DenseGeneral]) == {"float32"}
+    assert ("bfloat16" in summed[nn]) == (dtype == jnp.bfloat16)  # what it replaces
 
 
 def dense_results(shape, axis, features):

@@ -172,6 +172,21 @@ def test_fused_attention_reads_the_projection_in_place():
         assert got.shape == want.shape and rel(got, want) < 1e-5
 
 
+def test_bfloat16_fused_attention_trains_on_the_kernels_and_infers_on_xla():
+    """Half-precision ViT attention: XLA's in inference, the float32 kernels under differentiation
+    (`vit._half_attention`), both within bfloat16's precision of XLA's."""
+    qkv = jax.random.normal(jax.random.key(0), (2, 9, 3, 3, 8)).astype(jnp.bfloat16)
+    loss = lambda qkv: jnp.sum(jnp.sin(vit.fused_attention(qkv).astype(jnp.float32)))  # noqa: E731
+    results = {}
+    for kernels in ("onednn", "xla"):
+        with native.use(kernels):
+            results[kernels] = (jax.jit(lambda a: vit.fused_attention(a))(qkv), jax.jit(lambda a: jax.grad(loss)(a))(qkv))
+    assert "jaxvision_attention" not in hlo(lambda a: vit.fused_attention(a), qkv)
+    assert "jaxvision_attention_bwd" in hlo(lambda a: jax.grad(loss)(a), qkv)
+    for got, want in zip(results["onednn"], results["xla"]):
+        assert got.dtype == jnp.bfloat16 and got.shape == want.shape and rel(got, want) < 2e-2
+
+
 def test_layer_norm_matches_flax():
     """Same parameters as `nn.LayerNorm` (checkpoints and converted weights load either way),
     same values and gradients."""

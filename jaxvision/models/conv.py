@@ -197,6 +197,25 @@ def _add_across_batch_bwd(y, dy):
 add_across_batch.defvjp(_add_across_batch_fwd, _add_across_batch_bwd)
 
 
+@jax.custom_vjp
+def add_bias(x, b):
+    """x + b over x's trailing axes (a dense layer's bias), whose gradient for b sums the output
+    gradient in float32: autodiff sums it in x's dtype, which for bfloat16 XLA:CPU does 30x slower
+    than the sum of its float32 conversion (16x197x1536: 17.8 against 0.6 ms)."""
+    return x + b
+
+
+def _add_bias_fwd(x, b):
+    return x + b, b
+
+
+def _add_bias_bwd(b, dy):
+    return dy, jnp.sum(dy.astype(jnp.float32), tuple(range(dy.ndim - b.ndim))).astype(b.dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
 def subsample(x, strides):
     """x[:, ::sh, ::sw, :]. Under differentiation the forward is a reduce_window, which XLA:CPU
     does not fuse into its consumers: as a slice it was fused into the transposed copy that a

@@ -141,6 +141,26 @@ class LayerNorm(nn.Module):
                 "bias": self.param("bias", self._init(nn.initializers.zeros), shape, self.param_dtype)}
 
 
+def _promote_without_bias(inputs, kernel, bias, dtype=None):
+    inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=dtype)
+    return inputs, kernel, None if bias is None else jnp.zeros_like(bias)
+
+
+class DenseGeneral(nn.DenseGeneral):
+    """`nn.DenseGeneral` (the same parameters and initialisers) adding its bias through
+    `conv.add_bias`, whose gradient sums in float32 (ViT-S training in bfloat16: the bias
+    gradients took 0.5 s of a 2.4 s step). Flax adds the zeros `_promote_without_bias` gives it,
+    which XLA drops."""
+
+    promote_dtype: Callable = _promote_without_bias
+
+    def __call__(self, inputs):
+        out = super().__call__(inputs)
+        if not self.use_bias:
+            return out
+        return conv_lib.add_bias(out, nn.meta.unbox(self.get_variable("params", "bias")).astype(out.dtype))
+
+
 class ZooModule(nn.Module):
     """Base for zoo modules: compute/parameter dtypes and layer factories that use them."""
 
@@ -182,7 +202,7 @@ class ZooModule(nn.Module):
               bias_init: Callable = nn.initializers.zeros, bias: bool = True) -> nn.DenseGeneral:
         """Dense layer; `axes` names every kernel axis (inputs then outputs)."""
         n_out = 1 if isinstance(features, int) else len(features)
-        return nn.DenseGeneral(
+        return DenseGeneral(
             features, axis=in_axes, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,
             dot_general=conv_lib.dot_general,
             kernel_init=nn.with_logical_partitioning(kernel_init, axes),

@@ -36,11 +36,39 @@ def resample_pos_embed(pos, num_prefix: int, grid: tuple[int, int]):
 
 def fused_attention(qkv):
     """`attention` of a fused projection's (batch, tokens, 3, heads, head_dim) output. On CPU with
-    the native kernels, in float32, one call reads the heads from it in place and writes the
-    output tokens-first (`native_ops.attention`): none of the transposes XLA would copy."""
+    the native kernels one call reads the heads from it in place and writes the output
+    tokens-first (`native_ops.attention`): none of the transposes XLA would copy. It computes in
+    float32; half-precision inputs take it only under differentiation (`_half_attention`)."""
     if conv.lowering() and native.enabled() and qkv.dtype == jnp.float32:
         return native_ops.attention(qkv)
+    if conv.lowering() and native.enabled() and qkv.dtype in native_ops.DTYPES:
+        return _half_attention(qkv)
+    return _split_attention(qkv)
+
+
+def _split_attention(qkv):
     return attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+
+
+@jax.custom_vjp
+def _half_attention(qkv):
+    """Half-precision attention: XLA's in inference, the native float32 kernels (inputs converted
+    there and back) under differentiation, where XLA's transposes, pads and conversions of the
+    gradients cost more than the whole float32 attention (ViT-S training in bfloat16 1.3-1.5x
+    with `conv.add_bias`; inference, 5-15% slower through the native kernels, keeps XLA's;
+    experiments/PERF.md)."""
+    return _split_attention(qkv)
+
+
+def _half_attention_fwd(qkv):
+    return jax.vjp(lambda t: native_ops.attention(t.astype(jnp.float32)).astype(t.dtype), qkv)
+
+
+def _half_attention_bwd(vjp, do):
+    return vjp(do)
+
+
+_half_attention.defvjp(_half_attention_fwd, _half_attention_bwd)
 
 
 def attention(q, k, v):
