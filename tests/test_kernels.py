@@ -48,6 +48,16 @@ def test_gelu_is_the_exact_gelu():
     assert str(jax.make_jaxpr(jax.grad(lambda t: layers.gelu(t).sum()))(x)).count("erf") == 2
 
 
+def test_bfloat16_gelu_is_rounded_once():
+    """Computed in float32 and rounded at the end, as PyTorch's bfloat16 GELU: the float32 values
+    rounded, where rounding after every op (XLA's bfloat16 arithmetic) differs."""
+    x = (jax.random.normal(jax.random.key(0), (4096,)) * 3).astype(jnp.bfloat16)
+    want = np.asarray(jax.jit(lambda t: layers.gelu(t.astype(jnp.float32)).astype(jnp.bfloat16))(x), np.float32)
+    np.testing.assert_array_equal(np.asarray(jax.jit(layers.gelu)(x), np.float32), want)
+    per_op = np.asarray(jax.jit(lambda t: 0.5 * t * (1.0 + jax.lax.erf(t * 0.7071067811865476)))(x), np.float32)
+    assert np.any(per_op != want)
+
+
 def test_bfloat16_feature_matmul_accumulates_in_float32_and_returns_bfloat16():
     """XLA:CPU runs bfloat16 GEMMs at speed only with float32 results (conv._dot); the layer still
     returns bfloat16, and forward and both gradients equal float32 products rounded once."""
