@@ -109,7 +109,7 @@ def test_matmul_reads_either_operand_transposed(batch, transpose_a, transpose_b,
     """Row blocks of one matrix as well as batches (bfloat16 ones described as dense for AMX)."""
     a = jax.random.normal(jax.random.key(0), batch + ((7, 5) if transpose_a else (5, 7))).astype(dtype)
     b = jax.random.normal(jax.random.key(1), batch + ((9, 7) if transpose_b else (7, 9))).astype(dtype)
-    swap = lambda t, yes: jnp.swapaxes(t, -1, -2).astype(jnp.float32) if yes else t.astype(jnp.float32)  # noqa: E731
+    swap = lambda t, yes: (jnp.swapaxes(t, -1, -2) if yes else t).astype(jnp.float32)  # noqa: E731
     got = jax.jit(lambda a, b: ops.matmul(a, b, transpose_a, transpose_b))(a, b)
     want = swap(a, transpose_a) @ swap(b, transpose_b)
     assert got.shape == batch + (5, 9) and got.dtype == dtype and rel(got, want) < tolerance

@@ -39,10 +39,8 @@ def fused_attention(qkv):
     the native kernels one call reads the heads from it in place and writes the output
     tokens-first (`native_ops.attention`): none of the transposes XLA would copy. It computes in
     float32; half-precision inputs take it only under differentiation (`_half_attention`)."""
-    if conv.lowering() and native.enabled() and qkv.dtype == jnp.float32:
-        return native_ops.attention(qkv)
     if conv.lowering() and native.enabled() and qkv.dtype in native_ops.DTYPES:
-        return _half_attention(qkv)
+        return native_ops.attention(qkv) if qkv.dtype == jnp.float32 else _half_attention(qkv)
     return _split_attention(qkv)
 
 
