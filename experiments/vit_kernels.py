@@ -7,6 +7,8 @@
              backward, in ms
   batch sum  the position embedding's gradient: XLA's reduce over the batch against
              `conv.sum_by_halves`, in ms
+  bfloat16   a dense layer's bias gradient by autodiff against `conv.add_bias`, and GELU rounded
+             after every op against `layers.gelu` (float32, rounded once), in ms
 
     python experiments/vit_kernels.py [--reps 15]
 """
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 from conv_layers import best_ms as best_call_ms
 
 from jaxvision import native
-from jaxvision.models import conv, vit
+from jaxvision.models import conv, layers, vit
 from jaxvision.native import ops
 
 
@@ -53,6 +55,17 @@ def main():
     grad = jax.random.normal(jax.random.key(2), (16, 197, 384))
     print(f"batch sum 16x197x384: reduce {best_ms(lambda g: jnp.sum(g, 0, keepdims=True), grad, reps=reps):.2f} ms, "
           f"by halves {best_ms(conv.sum_by_halves, grad, reps=reps):.2f} ms")
+
+    h = jax.random.normal(jax.random.key(3), (16, 197, 1536)).astype(jnp.bfloat16)
+    bias = jnp.zeros((1536,), jnp.bfloat16)
+    bias_grad = lambda add: lambda dy: jax.vjp(lambda b: add(h, b), bias)[1](dy)[0]  # noqa: E731
+    print(f"bfloat16 16x197x1536: bias gradient, autodiff {best_ms(bias_grad(jnp.add), h, reps=reps):.2f} ms, "
+          f"conv.add_bias {best_ms(bias_grad(conv.add_bias), h, reps=reps):.2f} ms")
+    per_op = jax.checkpoint(lambda x: 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476)))
+    gelu_grad = lambda f: jax.grad(lambda x: jnp.sum(f(x).astype(jnp.float32) ** 2))  # noqa: E731
+    print(f"bfloat16 GELU 16x197x1536: forward {best_ms(per_op, h, reps=reps):.2f} -> {best_ms(layers.gelu, h, reps=reps):.2f} ms, "
+          f"gradient {best_ms(gelu_grad(per_op), h, reps=reps):.2f} -> {best_ms(gelu_grad(layers.gelu), h, reps=reps):.2f} ms "
+          "(rounded after every op -> layers.gelu)")
 
 
 if __name__ == "__main__":

@@ -201,7 +201,8 @@ add_across_batch.defvjp(_add_across_batch_fwd, _add_across_batch_bwd)
 def add_bias(x, b):
     """x + b over x's trailing axes (a dense layer's bias), whose gradient for b sums the output
     gradient in float32: autodiff sums it in x's dtype, which for bfloat16 XLA:CPU does 30x slower
-    than the sum of its float32 conversion (16x197x1536: 17.8 against 0.6 ms)."""
+    than the sum of its float32 conversion (16x197x1536: 17.8 against 0.6 ms;
+    `python experiments/vit_kernels.py`)."""
     return x + b
 
 
