@@ -10,8 +10,9 @@ over XLA's own intra-op threads. It is compiled with the system's C++ compiler o
 
 Needs oneDNN's library and headers, which jaxvision installs from PyPI on x86-64 Linux
 (onednn-cpu-gomp, onednn-devel-cpu-gomp), and a C++17 compiler. Where MKL is installed too (the
-`mkl` package, also a dependency there) float32 products run on its sgemm, as PyTorch's do;
-`JAXVISION_MKL=0` keeps them on oneDNN's. `JAXVISION_CPU_KERNELS` chooses:
+`mkl` package, also a dependency there) float32 products run on its sgemm on Intel CPUs, as
+PyTorch's do, and on oneDNN's elsewhere, where it measured faster (an AMD EPYC);
+`JAXVISION_MKL=1` or `0` overrides the vendor. `JAXVISION_CPU_KERNELS` chooses:
   auto   (default) oneDNN when it can be built and JAX has one CPU device, else XLA's own;
   onednn always on CPU, and an error naming the fix when it cannot be built;
   xla    never.

@@ -21,10 +21,11 @@
 // other thunks at the same time, take turns on the same cores: ViT-S's GELU fusions ran 7x
 // slower next to the products. A call whose batch does not divide falls back to the OpenMP team.
 //
-// Float32 products go to MKL's sgemm when the build links it (-DJAXVISION_MKL; the GEMM PyTorch
-// runs): on the Intel VM it multiplies ViT's shapes at 320-340 GFLOP/s where oneDNN 3.2's reaches
-// 240-300, most of all for a transposed operand (experiments/PERF.md). JAXVISION_MKL=0 keeps them
-// on oneDNN. MKL runs sequentially, one chunk per thread like oneDNN.
+// Float32 products go to MKL's sgemm on Intel CPUs when the build links it (-DJAXVISION_MKL; the
+// GEMM PyTorch runs): on the Intel VM it multiplies ViT's shapes at 320-340 GFLOP/s where oneDNN
+// 3.2's reaches 240-300, most of all for a transposed operand; on an AMD EPYC it is oneDNN's that
+// is faster, 218-225 against 190-198 GFLOP/s (experiments/PERF.md). JAXVISION_MKL=1 or 0 overrides
+// the vendor. MKL runs sequentially, one chunk per thread like oneDNN.
 //
 // Primitives are created once per shape and thread count and kept (creation JIT-compiles a
 // kernel); the kernel is reordered into the primitive's blocked layout on every call (it is
@@ -67,12 +68,13 @@ using Dims = memory::dims;
 
 namespace {
 
-// Whether float32 products run on MKL: built with it and not turned off by JAXVISION_MKL=0.
+// Whether float32 products run on MKL: built with it, and JAXVISION_MKL=1, or unset on an Intel CPU.
 bool UseMkl() {
 #ifdef JAXVISION_MKL
   static const bool use = [] {
     const char* env = std::getenv("JAXVISION_MKL");
-    if (env != nullptr && std::string(env) == "0") return false;
+    __builtin_cpu_init();
+    if (env == nullptr || *env == '\0' ? !__builtin_cpu_is("intel") : std::string(env) == "0") return false;
     MKL_Set_Interface_Layer(0);  // MKL_INTERFACE_LP64: 32-bit integers, as declared above
     MKL_Set_Threading_Layer(1);  // MKL_THREADING_SEQUENTIAL: the chunks are the threads
     return true;
