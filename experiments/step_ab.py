@@ -55,7 +55,7 @@ def _im2col_off():
 LEVERS = {
     # the same forward without its custom backward: autodiff's operand order
     "kernel-gradient-operand": lambda: unittest.mock.patch.object(conv, "feature_matmul", conv.feature_matmul.fun),
-    "max-pool-gradient": lambda: unittest.mock.patch.object(layers, "max_pool", layers.max_pool.fun),
+    "max-pool-gradient": lambda: unittest.mock.patch.object(layers, "_max_pool", layers._max_pool.fun),
     "subsample": lambda: unittest.mock.patch.object(conv, "subsample", lambda x, s: x[:, ::s[0], ::s[1], :]),
     "attention": lambda: unittest.mock.patch.object(vit, "attention", jax.nn.dot_product_attention),
     "bf16-accumulate": lambda: unittest.mock.patch.object(

@@ -250,6 +250,22 @@ def test_max_pool_gradient_equals_autodiff_of_the_maximum(window, stride, paddin
         np.testing.assert_array_equal(ours, jax.vjp(chain, x)[1](g)[0])
 
 
+def test_bfloat16_max_pool_gradient_is_summed_in_float32_and_rounded_once():
+    """The input at (1, 1) is the maximum of all four overlapping windows: 1 + 3 x 0.003 rounds to
+    1.0078 in bfloat16 once, but to 1.0 when each add is rounded, as bfloat16 arithmetic does."""
+    from jaxvision.models import layers
+
+    x = jnp.zeros((1, 4, 4, 1), jnp.bfloat16).at[0, 1, 1, 0].set(1.0)
+    g = jnp.array([1.0, 0.003, 0.003, 0.003], jnp.bfloat16).reshape(1, 2, 2, 1)
+    pool = lambda x: layers.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))  # noqa: E731
+    out, vjp = jax.vjp(pool, x)
+    assert out.dtype == jnp.bfloat16 and np.all(np.asarray(out, np.float32) == 1.0)
+    dx = vjp(g)[0]
+    want = jax.vjp(pool, x.astype(jnp.float32))[1](g.astype(jnp.float32))[0].astype(jnp.bfloat16)
+    assert dx.dtype == jnp.bfloat16 and float(dx[0, 1, 1, 0]) == float(want[0, 1, 1, 0]) == 1.0078125
+    np.testing.assert_array_equal(np.asarray(dx, np.float32), np.asarray(want, np.float32))
+
+
 def test_max_pool_gradient_goes_to_the_first_maximum_as_in_pytorch():
     from jaxvision.models import layers
 
