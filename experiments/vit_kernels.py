@@ -1,8 +1,8 @@
 """ViT-S's pieces on the native CPU kernels, batch 16 at 224 px (3152 tokens), best of N jitted calls:
 
   products   the dense layers' products through `jaxvision_matmul` (forward x w, kernel gradient
-             x^T dy, input gradient dy w^T) in GFLOP/s; run once with JAXVISION_MKL=0 and once
-             without to compare oneDNN's and MKL's
+             x^T dy, input gradient dy w^T) in GFLOP/s; run with JAXVISION_MKL=1 and with
+             JAXVISION_MKL=0 to compare MKL's and oneDNN's (unset: MKL on Intel CPUs only)
   attention  one attention layer (fused qkv in, output projection after), forward and forward +
              backward, in ms
   batch sum  the position embedding's gradient: XLA's reduce over the batch against
