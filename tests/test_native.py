@@ -90,6 +90,25 @@ def test_bfloat16_convolution_accumulates_in_float32():
     assert dw.dtype == jnp.bfloat16 and rel(dw, dw_ref) < 2e-2
 
 
+def test_bfloat16_depthwise_gradients_run_on_the_float32_kernels():
+    """oneDNN 3.2 has float32 depthwise gradient kernels but sends bfloat16 to its generic grouped
+    ones (2.5-9x slower), so a bfloat16 depthwise layer's gradients are the float32 kernels' on the
+    converted operands, rounded to bfloat16 once; the forward stays bfloat16."""
+    x = jax.random.normal(jax.random.key(0), (2, 11, 11, 8)).astype(jnp.bfloat16)
+    w = (0.3 * jax.random.normal(jax.random.key(1), (5, 5, 1, 8))).astype(jnp.bfloat16)
+    dy = jax.random.normal(jax.random.key(2), (2, 6, 6, 8)).astype(jnp.bfloat16)
+    attrs = ((2, 2), ((2, 2), (2, 2)), (1, 1), 8)
+    grads = lambda x, w, dy: jax.vjp(lambda x, w: ops.conv(x, w, *attrs), x, w)[1](dy)  # noqa: E731
+    half = jax.jit(grads)(x, w, dy)
+    full = jax.jit(grads)(*(a.astype(jnp.float32) for a in (x, w, dy)))
+    for h, f in zip(half, full):
+        assert h.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(h, np.float32), np.asarray(f.astype(jnp.bfloat16), np.float32))
+    text = hlo(grads, x, w, dy)
+    calls = [line for line in text.splitlines() if "custom_call @jaxvision_conv" in line]
+    assert len(calls) == 2 and all("bf16" not in line and "xf32>" in line for line in calls), calls
+
+
 @pytest.mark.parametrize("shape,axis,features", DENSE_CASES)
 def test_dense_matches_lax(shape, axis, features):
     with native.use("onednn"):
