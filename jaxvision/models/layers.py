@@ -73,9 +73,8 @@ def max_pool(x, window: tuple[int, int], stride: tuple[int, int], padding=((0, 0
     gradient's overlapping windows summed in float32, rounded once: in bfloat16 XLA:CPU fused the
     first-maximum index back into the backward pass with a conversion per view: 245 ms for ResNet's
     stem pooling forward and backward, against 70 in float32 (experiments/PERF.md)."""
-    if jnp.dtype(x.dtype).itemsize < 4:
-        return _max_pool(x.astype(jnp.float32), window, stride, padding).astype(x.dtype)
-    return _max_pool(x, window, stride, padding)
+    wide = jnp.promote_types(x.dtype, jnp.float32)
+    return _max_pool(x.astype(wide), window, stride, padding).astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))

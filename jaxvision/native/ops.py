@@ -60,14 +60,14 @@ def _conv_fwd(x, w, strides, padding, dilation, groups):
 def _conv_bwd(strides, padding, dilation, groups, residuals, dy):
     x, w = residuals
     attrs = (strides, padding, dilation, groups)
-    if groups > 1 and groups == x.shape[-1] and x.dtype != jnp.float32:
-        # Depthwise: oneDNN 3.2 has float32 depthwise gradient kernels (jit_dw), but sends
-        # bfloat16 to its generic grouped ones (brgconv_strided, jit_bf16), 2.5-9x slower than
-        # converting to float32 and back (EfficientNet-B0's layers, experiments/PERF.md).
-        x, w, dy = (a.astype(jnp.float32) for a in (x, w, dy))
-    dx = _call("jaxvision_conv_bwd_data", dy, w, x.shape, x.dtype, *attrs)
-    dw = _call("jaxvision_conv_bwd_weights", x, dy, w.shape, jnp.float32, *attrs)
-    return dx.astype(residuals[0].dtype), dw.astype(residuals[1].dtype)
+    # Depthwise: oneDNN 3.2 has float32 depthwise gradient kernels (jit_dw), but sends bfloat16 to
+    # its generic grouped ones (brgconv_strided, jit_bf16), 2.5-9x slower than converting to
+    # float32 and back (EfficientNet-B0's layers, experiments/PERF.md).
+    compute = jnp.float32 if groups > 1 and groups == x.shape[-1] else x.dtype
+    xc, wc, dyc = (a.astype(compute) for a in (x, w, dy))
+    dx = _call("jaxvision_conv_bwd_data", dyc, wc, x.shape, compute, *attrs)
+    dw = _call("jaxvision_conv_bwd_weights", xc, dyc, w.shape, jnp.float32, *attrs)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
