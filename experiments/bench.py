@@ -10,7 +10,9 @@ XLA's memory estimate; parameters. Also the matrix-multiply rate of this machine
 (jnp.dot and torch.mm of 2048x2048, best of several), and each model's achieved training FLOP/s as
 a share of the faster of the two.
 `--dtype bfloat16` runs jaxvision's models with bfloat16 compute and timm's under torch.autocast.
-Both processes get the host-memory setting of `jaxvision.hostmem` (tcmalloc when installed).
+Both processes get the host-memory setting of `jaxvision.backends.cpu.hostmem` (tcmalloc or
+tbbmalloc when installed). jaxvision runs on the CPU backend (`jaxvision.backends.ops_for("cpu")`:
+oneDNN's kernels when the `cpu` extra is installed), `--ops portable` on the portable ops.
 Prints a markdown table (ratios are jaxvision / timm). Needs the `parity` extra (torch, timm).
 Threads: both frameworks use every core (`--threads` to change torch's). Sharing one process,
 they disturb each other through torch's OpenMP wait policy: spinning threads (ACTIVE) steal the
@@ -41,8 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvision import models, native
-from jaxvision.models import conv
+from jaxvision import backends, models
+from jaxvision.backends.cpu import hostmem
+from jaxvision.models.ops import PORTABLE
 from jaxvision.parallel import mesh as mesh_lib
 from jaxvision.train import optim
 from jaxvision.train import state as state_lib
@@ -74,19 +77,20 @@ def matmul_rate(framework: str, dtype: str = "float32", n: int = 2048, repeats: 
 
 def model_flops(step, *args) -> float:
     """FLOPs of one call of `step` as the model defines them: XLA's cost analysis of the program
-    traced with every convolution and dense layer as the plain lax primitive (`conv.lax_only()`),
-    before compilation. The compiled program's own count leaves out oneDNN's custom calls and
+    traced with the portable ops (every convolution and dense layer the plain lax primitive),
+    before compilation. The CPU backend's compiled program leaves out oneDNN's custom calls and
     counts Winograd's fewer multiplies."""
-    with conv.lax_only():
-        cost = jax.jit(lambda *a: step(*a)).lower(*args).cost_analysis()  # a fresh trace, not the cached one
+    cost = jax.jit(step).lower(*args).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost["flops"])
 
 
 class JaxBench:
-    def __init__(self, name: str, batch: int, size: int, dtype: str = "float32"):
+    def __init__(self, name: str, batch: int, size: int, dtype: str = "float32", ops=None):
         mesh = mesh_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
-        self.model = models.create(name, dtype=jnp.dtype(dtype))
+        ops = ops or backends.ops_for("cpu")
+        self.model = models.create(name, dtype=jnp.dtype(dtype), ops=ops)
+        self.ops = ops.describe()
         card = models.model_card(name)
         cfg = {"name": "sgd", "lr": 0.01, "momentum": 0.9, "schedule": "constant"}
         import ml_collections
@@ -102,7 +106,8 @@ class JaxBench:
         t = time.perf_counter()
         compiled = self.train_step.lower(self.state, self.batch).compile()
         self.compile_seconds = time.perf_counter() - t
-        self.train_flops = model_flops(step, self.state, self.batch)
+        portable = self.model.clone(ops=PORTABLE)
+        self.train_flops = model_flops(step_lib.make_train_step(portable, tx, opts, mesh), self.state, self.batch)
         mem = compiled.memory_analysis()
         self.memory_bytes = (mem.temp_size_in_bytes + mem.argument_size_in_bytes
                              + mem.output_size_in_bytes - mem.alias_size_in_bytes)
@@ -174,7 +179,7 @@ def jax_only(args) -> None:
     """jaxvision alone, medians over `rounds`, one JSON line per model, with the page faults and
     kernel time per training step (memory the allocator returned to the system and takes back)."""
     for name in args.models:
-        ours = JaxBench(name, args.batch, args.size, args.dtype)
+        ours = JaxBench(name, args.batch, args.size, args.dtype, backends.ops_for("cpu", args.ops))
         before = page_faults()
         train = statistics.median(timed(ours.train, args.train_steps) for _ in range(args.rounds))
         steps = args.rounds * args.train_steps
@@ -199,7 +204,7 @@ class Worker:
 
     def __init__(self, framework: str, args):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--batch", str(args.batch),
-               "--size", str(args.size), "--threads", str(args.threads), "--dtype", args.dtype]
+               "--size", str(args.size), "--threads", str(args.threads), "--dtype", args.dtype, "--ops", args.ops]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.ask("ready")  # imports done: nothing of this worker runs during the other's turn
 
@@ -225,7 +230,10 @@ def serve_worker(args) -> None:
     for line in sys.stdin:
         command, *rest = line.split()
         if command == "setup":
-            bench = (JaxBench if args.worker == "jax" else TorchBench)(rest[0], args.batch, args.size, args.dtype)
+            if args.worker == "jax":
+                bench = JaxBench(rest[0], args.batch, args.size, args.dtype, backends.ops_for("cpu", args.ops))
+            else:
+                bench = TorchBench(rest[0], args.batch, args.size, args.dtype)
             reply = describe(bench)
         elif command == "ready":
             reply = {}
@@ -270,7 +278,7 @@ def shared_rows(args):
     rates = (matmul_rate("jax", args.dtype), matmul_rate("torch", args.dtype))
     rows = []
     for name in args.models:
-        ours = JaxBench(name, args.batch, args.size, args.dtype)
+        ours = JaxBench(name, args.batch, args.size, args.dtype, backends.ops_for("cpu", args.ops))
         ref = TorchBench(name, args.batch, args.size, args.dtype)
         times = {k: [] for k in ("jt", "tt", "ji", "ti")}
         for r in range(args.rounds):
@@ -311,6 +319,8 @@ def main():
     parser.add_argument("--isolate", action="store_true",
                         help="each framework in its own process, taking turns (no OpenMP interference)")
     parser.add_argument("--pause", type=float, default=1.0, help="seconds between turns with --isolate")
+    parser.add_argument("--ops", choices=("auto", "portable"), default="auto",
+                        help="jaxvision's ops: the CPU backend where installed (auto), or portable")
     parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -324,11 +334,12 @@ def main():
     how = "--isolate" if args.isolate else "one process"
     print(f"\n# jaxvision vs timm (`python experiments/bench.py --batch {args.batch} --size {args.size} "
           f"--rounds {args.rounds}{' --dtype bfloat16' if args.dtype == 'bfloat16' else ''}"
+          f"{' --ops portable' if args.ops == 'portable' else ''}"
           f"{' ' + how if args.isolate else ''}`)\n")
     print(f"Machine: {os.cpu_count()} cores ({cpu}), jax {jax.__version__}, torch {torch.__version__}, "
           f"{args.threads} torch threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), "
-          f"malloc {os.environ.get(hostmem.MARK, 'system')} (both frameworks), {how}; jaxvision's CPU kernels: "
-          f"{native.describe()}; {args.dtype}, batch {args.batch}, {args.size} px. {args.dtype.capitalize()} matmul "
+          f"malloc {hostmem.applied()} (both frameworks), {how}; jaxvision's ops: "
+          f"{backends.ops_for('cpu', args.ops).describe()}; {args.dtype}, batch {args.batch}, {args.size} px. {args.dtype.capitalize()} matmul "
           f"(2048^3): {jax_rate / 1e9:.0f} GFLOP/s in XLA, {torch_rate / 1e9:.0f} GFLOP/s in torch.\n")
     print("| model | params (ours = timm) | train img/s jaxvision | train img/s timm | ratio | "
           "infer img/s jaxvision | infer img/s timm | ratio | compile s | train GFLOP/img (model) | "
@@ -341,6 +352,5 @@ def main():
 
 
 if __name__ == "__main__":
-    from jaxvision import hostmem
-    hostmem.relaunch()  # as jaxvision.main does; the timm worker inherits it too
+    hostmem.relaunch()  # as jaxvision.main does (each worker runs this too)
     main()

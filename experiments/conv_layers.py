@@ -1,12 +1,13 @@
-"""Single convolutions: XLA:CPU's `lax.conv_general_dilated`, jaxvision's CPU lowering
-(`jaxvision/models/conv.py`: 1x1 as a GEMM, depthwise as shifted multiply-adds, stride-1 3x3 by
-Winograd's algorithm), oneDNN's kernels (`jaxvision.native`, when installed) and torch.
+"""Single convolutions: XLA:CPU's `lax.conv_general_dilated`, the CPU backend's rewrites
+(`jaxvision/backends/cpu/conv.py`: 1x1 as a GEMM, depthwise as shifted multiply-adds, stride-1 3x3
+by Winograd's algorithm), oneDNN's kernels (`jaxvision/backends/cpu/native.py`, with the `cpu`
+extra) and torch.
 
     python experiments/conv_layers.py            # 1x1, 3x3 and depthwise: XLA, jaxvision, oneDNN, torch
     python experiments/conv_layers.py --dense    # dense 3x3, 7x7, patch embeddings: lax.conv, one GEMM, oneDNN, torch
 
 Batch 16, float32, channels-last in both frameworks, best of 5 calls after warm-up, host memory in
-huge pages (`jaxvision.hostmem`) as in training. Prints forward and forward+backward milliseconds
+the allocator of `jaxvision.backends.cpu.hostmem` as in training. Prints forward and forward+backward milliseconds
 per layer shape (ResNet-50 and EfficientNet-B0 shapes).
 Needs the `parity` extra (torch).
 """
@@ -21,8 +22,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxvision import hostmem, native
-from jaxvision.models import conv
+import functools
+
+from jaxvision.backends.cpu import conv, hostmem, native
 
 # (height, channels in, channels out, kernel, stride, groups): groups == channels is depthwise.
 SHAPES = [(56, 64, 64, 1, 1, 1), (56, 256, 64, 1, 1, 1), (14, 256, 1024, 1, 1, 1), (56, 256, 512, 1, 2, 1),
@@ -52,12 +54,11 @@ def jax_ms(impl, x, w, stride, groups):
 
 
 def lowering_ms(kernels: str, impl, x, w, stride, groups):
-    """`jax_ms` of jaxvision's `conv.conv_general_dilated` traced with `native.use(kernels)`:
-    'xla' for the XLA lowering, 'onednn' for oneDNN's kernels (None where not installed)."""
-    if kernels == "onednn" and native.describe().startswith("XLA"):
+    """`jax_ms` of jaxvision's `conv.conv_general_dilated`: 'xla' for the XLA:CPU rewrites,
+    'onednn' for oneDNN's kernels (None where they do not load)."""
+    if kernels == "onednn" and native.unavailable():
         return None
-    with native.use(kernels):
-        return jax_ms(impl, x, w, stride, groups)
+    return jax_ms(functools.partial(impl, native=kernels == "onednn"), x, w, stride, groups)
 
 
 def cell(times) -> str:
@@ -94,7 +95,7 @@ def dense():
     import torch
 
     torch.set_num_threads(os.cpu_count())
-    print(f"oneDNN: {native.describe()}\n")
+    print(f"oneDNN: {native.unavailable() or native.info()}\n")
     print("| layer (batch 16) | lax.conv fwd / fwd+bwd ms | im2col GEMM fwd / fwd+bwd ms | "
           "oneDNN fwd / fwd+bwd ms | torch fwd / fwd+bwd ms |\n|---|---:|---:|---:|---:|")
     for h, cin, cout, k, stride in DENSE_SHAPES:
@@ -106,8 +107,8 @@ def dense():
             lambda x, w, s, _, **kw: conv.im2col(x, w, s, pads))
         cells = [jax_ms(lambda x, w, s, _, **kw: lax.conv_general_dilated(x, w, s, pads, **kw), x, w, stride, 1),
                  jax_ms(gemm, x, w, stride, 1),
-                 lowering_ms("onednn", lambda x, w, s, _, **kw: conv.conv_general_dilated(x, w, s, pads, **kw),
-                             x, w, stride, 1),
+                 lowering_ms("onednn", lambda x, w, s, _, native, **kw: conv.conv_general_dilated(
+                     x, w, s, pads, native=native, **kw), x, w, stride, 1),
                  torch_ms(h, cin, cout, k, stride, 1, p)]
         print(f"| {k}x{k}/{stride}, {h}x{h}, {cin}->{cout} | " + " | ".join(map(cell, cells)) + " |", flush=True)
 
@@ -118,7 +119,7 @@ def main():
     import torch
 
     torch.set_num_threads(os.cpu_count())
-    print(f"oneDNN: {native.describe()}\n")
+    print(f"oneDNN: {native.unavailable() or native.info()}\n")
     print("| layer (batch 16) | XLA conv fwd / fwd+bwd ms | jaxvision's XLA lowering fwd / fwd+bwd ms | "
           "oneDNN fwd / fwd+bwd ms | torch fwd / fwd+bwd ms |\n|---|---:|---:|---:|---:|")
     for h, cin, cout, k, stride, groups in SHAPES:

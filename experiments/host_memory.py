@@ -1,8 +1,8 @@
-"""The host-memory modes of `jaxvision/hostmem.py` (`JAXVISION_MALLOC`) against each other, on
+"""The host-memory modes of `jaxvision/backends/cpu/hostmem.py` (`JAXVISION_MALLOC`) against each other, on
 whole train steps and inference batches.
 
     python experiments/host_memory.py [--models resnet50 vit_small_patch16_224] [--pairs 3]
-                                      [--settings system huge tcmalloc]
+                                      [--settings system huge tbbmalloc tcmalloc]
 
 The allocator's environment is read only at process start, so each setting runs
 `experiments/bench.py --jax-only` (which calls `hostmem.relaunch()` as `jaxvision.main` does) in
@@ -20,14 +20,14 @@ import statistics
 import subprocess
 import sys
 
-from jaxvision import hostmem
+from jaxvision.backends.cpu import hostmem
 
 BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
 
 
 def run(models, rounds: int, setting: str) -> dict:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "JAXVISION_MALLOC", hostmem.MARK)}
+           if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "JAXVISION_MALLOC", hostmem.MARK, hostmem.SAVED)}
     env["JAXVISION_MALLOC"] = setting
     out = subprocess.run([sys.executable, BENCH, "--jax-only", "--rounds", str(rounds), "--models", *models],
                          env=env, capture_output=True, text=True, check=True).stdout
@@ -38,7 +38,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=["resnet50", "efficientnet_b0"])
     parser.add_argument("--settings", nargs="+", choices=hostmem.MODES[1:],
-                        default=["system", "huge", "tcmalloc"])
+                        default=["system", "huge", "tbbmalloc", "tcmalloc"])
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()

@@ -1,20 +1,20 @@
-"""One lever of the CPU lowering, on and off, in the same process: training (or inference)
+"""One lever of the CPU backend, on and off, in the same process: training (or inference)
 images/s of both.
 
     python experiments/step_ab.py [--lever kernel-gradient-operand] [--models resnet50 ...] [--rounds 4]
                                   [--mode inference]
 
-Builds jaxvision's jitted train step (as experiments/bench.py does, batch 16, 224 px, float32)
-twice per model, once as the code is and once with the lever switched off while tracing, then
-alternates timed steps of the two (one untimed step before each turn) and prints the medians.
-Levers:
+Builds jaxvision's jitted train step (as experiments/bench.py does, batch 16, 224 px, float32, on
+the CPU backend `jaxvision.backends.cpu`) twice per model, once as the code is and once with the
+lever switched off while tracing, then alternates timed steps of the two (one untimed step before
+each turn) and prints the medians. Levers (modules of jaxvision.backends.cpu):
   kernel-gradient-operand: `conv.feature_matmul`'s backward (the operand with fewer features on
       the left of the kernel-gradient GEMM) against autodiff's own (the output gradient there).
   max-pool-gradient: `layers.max_pool`'s backward (to the first maximum, from an index saved by
       the forward) against autodiff of its chain of maxima.
   subsample: the strided 1x1 convolutions' `conv.subsample` (a reduce_window) against a slice.
-  attention: ViT's `vit.attention` on CPU (heads ahead of tokens, the softmax normalised after the
-      product with v, FlashAttention's backward) against `jax.nn.dot_product_attention`.
+  attention: ViT's `attention.fused_attention` (heads ahead of tokens, the softmax normalised after
+      the product with v, FlashAttention's backward) against `jax.nn.dot_product_attention`.
   bf16-accumulate (with --dtype bfloat16): `conv.feature_matmul`'s half-precision GEMMs with
       float32 results cast back, against a bfloat16 result.
   gelu-erf: `layers.gelu` (PyTorch's erf form) against `nn.gelu(approximate=False)` (erfc).
@@ -25,8 +25,9 @@ Levers:
       and a GEMM) against XLA's convolution.
   im2col: 3x3 convolutions with a stride or on maps up to 7x7 as one GEMM on their patches
       (`conv.as_im2col`) against XLA's convolution (im2col kept only for 1x1 and 2x2 outputs).
-  onednn: convolutions by oneDNN's kernels (`jaxvision.native`, needs the `onednn` extra)
-      against jaxvision's XLA lowering of them (all the levers above).
+  onednn: oneDNN's kernels (`CpuOps(native=True)`, needs the `cpu` extra) against the XLA:CPU
+      rewrites alone (all the levers above).
+  backend: the whole CPU backend (`CpuOps`) against the portable ops (`Ops()`).
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ import jax
 from bench import JaxBench, timed
 from jax import lax
 
-from jaxvision import hostmem, native
-from jaxvision.models import conv, layers, vit, winograd
+from jaxvision import backends
+from jaxvision.backends.cpu import attention, conv, hostmem, layers, winograd
+from jaxvision.backends.cpu.ops import CpuOps
+from jaxvision.models.ops import PORTABLE, Ops
 
 
 def _im2col_off():
@@ -52,22 +55,24 @@ def _im2col_off():
     return unittest.mock.patch.object(conv, "as_im2col", lambda kernel, strides, out, _: original(kernel, strides, out, 0))
 
 
+# lever -> (a context that switches it off while tracing, or the ops without it)
 LEVERS = {
     # the same forward without its custom backward: autodiff's operand order
     "kernel-gradient-operand": lambda: unittest.mock.patch.object(conv, "feature_matmul", conv.feature_matmul.fun),
     "max-pool-gradient": lambda: unittest.mock.patch.object(layers, "_max_pool", layers._max_pool.fun),
     "subsample": lambda: unittest.mock.patch.object(conv, "subsample", lambda x, s: x[:, ::s[0], ::s[1], :]),
-    "attention": lambda: unittest.mock.patch.object(vit, "attention", jax.nn.dot_product_attention),
+    "attention": lambda: unittest.mock.patch.object(attention, "fused_attention", lambda qkv, native: PORTABLE.attention(qkv)),
     "bf16-accumulate": lambda: unittest.mock.patch.object(
         conv, "_dot", lambda a, b, dims, precision: lax.dot_general(a, b, dims, precision=precision)),
-    "gelu-erf": lambda: unittest.mock.patch.dict(layers.ACTIVATIONS, gelu=functools.partial(nn.gelu, approximate=False)),
+    "gelu-erf": lambda: unittest.mock.patch.object(layers, "gelu", functools.partial(nn.gelu, approximate=False)),
     "depthwise-gradient": lambda: unittest.mock.patch.object(conv, "depthwise", conv._depthwise),
     "winograd": lambda: unittest.mock.patch.object(winograd, "block_size", lambda x_shape, w_shape: None),
     "patch-embedding": lambda: unittest.mock.patch.object(
-        conv, "patch_matmul", lambda x, k, precision=None: lax.conv_general_dilated(
+        conv, "patch_matmul", lambda x, k, precision=None, native=False: lax.conv_general_dilated(
             x, k, k.shape[:2], "VALID", dimension_numbers=conv.NHWC, precision=precision)),
     "im2col": lambda: _im2col_off(),
-    "onednn": lambda: native.use("xla"),
+    "onednn": lambda: CpuOps(native=False),
+    "backend": lambda: PORTABLE,
 }
 
 
@@ -87,8 +92,10 @@ def main():
     for name in args.models:
         benches = {}
         for on in (True, False):
-            with contextlib.nullcontext() if on else LEVERS[args.lever]():
-                benches[on] = getattr(JaxBench(name, 16, 224, args.dtype), args.mode)  # the train step compiles here
+            off = None if on else LEVERS[args.lever]()
+            ops = off if isinstance(off, Ops) else backends.ops_for("cpu")
+            with off if isinstance(off, contextlib.AbstractContextManager) else contextlib.nullcontext():
+                benches[on] = getattr(JaxBench(name, 16, 224, args.dtype, ops), args.mode)  # the train step compiles here
                 benches[on]()  # (inference is traced at its first call: inside the lever's context too)
         times = {True: [], False: []}
         for r in range(args.rounds):

@@ -1,4 +1,4 @@
-"""ViT-S's pieces on the native CPU kernels, batch 16 at 224 px (3152 tokens), best of N jitted calls:
+"""ViT-S's pieces on the CPU backend's native kernels, batch 16 at 224 px (3152 tokens), best of N jitted calls:
 
   products   the dense layers' products through `jaxvision_matmul` (forward x w, kernel gradient
              x^T dy, input gradient dy w^T) in GFLOP/s; run with JAXVISION_MKL=1 and with
@@ -20,9 +20,7 @@ import jax
 import jax.numpy as jnp
 from conv_layers import best_ms as best_call_ms
 
-from jaxvision import native
-from jaxvision.models import conv, layers, vit
-from jaxvision.native import ops
+from jaxvision.backends.cpu import attention, conv, layers, native, onednn as ops
 
 
 def best_ms(fn, *args, reps):
@@ -35,22 +33,21 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=15)
     reps = parser.parse_args().reps
-    with native.use("onednn"):
-        print("kernels:", native.describe())
-        print("\nproducts, GFLOP/s (m x k x n)      forward   x^T dy   dy w^T")
-        for m, k, n in [(3152, 384, 1152), (3152, 384, 384), (3152, 384, 1536), (3152, 1536, 384)]:
-            x, w, dy = (jax.random.normal(jax.random.key(i), s) for i, s in enumerate([(m, k), (k, n), (m, n)]))
-            mflop = 2 * m * k * n / 1e6
-            fwd = best_ms(ops.matmul, x, w, reps=reps)
-            dw = best_ms(functools.partial(ops.matmul, transpose_a=True), x, dy, reps=reps)
-            dx = best_ms(functools.partial(ops.matmul, transpose_b=True), dy, w, reps=reps)
-            print(f"  {m} x {k:4d} x {n:4d}              {mflop / fwd:7.0f}  {mflop / dw:7.0f}  {mflop / dx:7.0f}")
+    print("kernels:", native.info())
+    print("\nproducts, GFLOP/s (m x k x n)      forward   x^T dy   dy w^T")
+    for m, k, n in [(3152, 384, 1152), (3152, 384, 384), (3152, 384, 1536), (3152, 1536, 384)]:
+        x, w, dy = (jax.random.normal(jax.random.key(i), s) for i, s in enumerate([(m, k), (k, n), (m, n)]))
+        mflop = 2 * m * k * n / 1e6
+        fwd = best_ms(ops.matmul, x, w, reps=reps)
+        dw = best_ms(functools.partial(ops.matmul, transpose_a=True), x, dy, reps=reps)
+        dx = best_ms(functools.partial(ops.matmul, transpose_b=True), dy, w, reps=reps)
+        print(f"  {m} x {k:4d} x {n:4d}              {mflop / fwd:7.0f}  {mflop / dw:7.0f}  {mflop / dx:7.0f}")
 
-        qkv = jax.random.normal(jax.random.key(0), (16, 197, 3, 6, 64))
-        proj = jax.random.normal(jax.random.key(1), (6, 64, 384)) * 0.05
-        loss = lambda qkv, w: jnp.sum(jnp.einsum("bnhd,hde->bne", vit.fused_attention(qkv), w) ** 2)  # noqa: E731
-        print(f"\nattention layer: forward {best_ms(loss, qkv, proj, reps=reps):.2f} ms, forward + backward "
-              f"{best_ms(jax.grad(loss, (0, 1)), qkv, proj, reps=reps):.2f} ms")
+    qkv = jax.random.normal(jax.random.key(0), (16, 197, 3, 6, 64))
+    proj = jax.random.normal(jax.random.key(1), (6, 64, 384)) * 0.05
+    loss = lambda qkv, w: jnp.sum(jnp.einsum("bnhd,hde->bne", attention.fused_attention(qkv, native=True), w) ** 2)  # noqa: E731
+    print(f"\nattention layer: forward {best_ms(loss, qkv, proj, reps=reps):.2f} ms, forward + backward "
+          f"{best_ms(jax.grad(loss, (0, 1)), qkv, proj, reps=reps):.2f} ms")
 
     grad = jax.random.normal(jax.random.key(2), (16, 197, 384))
     print(f"batch sum 16x197x384: reduce {best_ms(lambda g: jnp.sum(g, 0, keepdims=True), grad, reps=reps):.2f} ms, "

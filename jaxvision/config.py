@@ -16,6 +16,9 @@ def base() -> ml_collections.ConfigDict:
     c.model.kwargs = ml_collections.ConfigDict()  # passed to models.create (e.g. drop_path_rate)
     c.model.num_classes = 0  # 0: from the dataset
     c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
+    # The ops the model is traced with (jaxvision.backends): auto (the CPU backend for CPU meshes
+    # when jaxvision[cpu] is installed, cuDNN attention on GPU, else portable) | portable | cpu
+    c.backend = "auto"
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "digits"  # digits | folder:/path | tfds:NAME
@@ -115,6 +118,12 @@ def base() -> ml_collections.ConfigDict:
     c.export.format = "stablehlo"
     c.export.input_size = 0  # raw image side the artifact takes; 0: the eval resize size
     c.export.quantize = ""  # "": float weights; int8: the --mode quantize model
+    c.export.platforms = "cpu,cuda,tpu"  # where the StableHLO artifact may run (comma-separated)
+    c.export.cpu_rewrites = False  # True: the CPU backend's XLA rewrites (platforms=cpu only)
+    c.plan = ml_collections.ConfigDict()  # --mode plan
+    c.plan.platform = ""  # cpu | cuda | rocm | tpu; "": this host's. Lowered for it from any host
+    c.plan.devices = 0  # 0: this host's devices; N: an abstract mesh of N devices (lowered, not compiled)
+    c.plan.output = ""  # the lowered StableHLO text; "": WORKDIR/plan_<platform>.stablehlo.mlir
     c.quantize = ml_collections.ConfigDict()  # --mode quantize (post-training, on the eval split)
     c.quantize.qtype = "int8"
     c.quantize.tolerance = 1.0  # top-1 points int8 may lose before a warning

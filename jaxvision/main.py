@@ -42,7 +42,7 @@ def main(argv):
     from jaxvision.train import loop
     try:
         if _MODE.value == "plan":
-            print(loop.plan(config))
+            print(loop.plan(config, _WORKDIR.value))
         elif _MODE.value == "eval":
             loop.evaluate(config, _WORKDIR.value)
         elif _MODE.value in ("predict", "calibrate", "quantize", "export", "explain"):
@@ -74,6 +74,6 @@ def parse_flags(argv):
 
 
 if __name__ == "__main__":
-    from jaxvision import hostmem
-    hostmem.relaunch()
+    from jaxvision.backends.cpu import hostmem
+    hostmem.relaunch()  # CPU runs only: an allocator that keeps XLA:CPU's step memory mapped
     app.run(main, flags_parser=parse_flags)

@@ -132,6 +132,8 @@ def test_export_reproduces_the_model_on_real_images(fmt, trained, cifar_subset):
         *flags({**overrides, "export.format": fmt}))
     meta = json.load(open(os.path.join(workdir, "export", "model.json")))
     assert meta["input"] == [None, 32, 32, 3] and len(meta["class_names"]) == 10 and meta["format"] == fmt
+    assert meta["platforms"] == (["cpu", "cuda", "tpu"] if fmt == "stablehlo" else None)
+    assert meta["ops"].startswith("portable")
     serve = export.load(os.path.join(workdir, "export", f"model.{fmt}"))
 
     config = configure(load_config("default"), overrides)
@@ -169,6 +171,8 @@ def test_bad_input_gets_a_clear_error(trained, cifar_subset, tmp_path):
     assert empty.returncode == 2 and "no images" in empty.stderr
     unknown = cli(*base, "--mode", "export", *flags({**overrides, "export.format": "tflite"}), check=False)
     assert unknown.returncode == 2 and "stablehlo, onnx" in unknown.stderr
+    platform = cli(*base, "--mode", "export", *flags({**overrides, "export.platforms": "cpu,tpu7"}), check=False)
+    assert platform.returncode == 2 and "'tpu7'" in platform.stderr and "cpu, cuda, rocm, tpu" in platform.stderr
     other = cli(*base, "--mode", "export", *flags({**overrides, "model.kwargs.width": 16}), check=False)
     assert other.returncode == 2 and "error:" in other.stderr
     nothing = cli("--config", "configs/default.py", "--workdir", str(tmp_path / "none"), "--mode", "predict",

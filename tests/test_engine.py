@@ -91,7 +91,7 @@ def test_sharded_training_matches_one_device(mesh, one_device_run, tmp_path):
 
 
 def test_fsdp_shards_large_parameters_and_plan_shows_it():
-    text = loop.plan(tiny(mesh={"data": 2, "fsdp": 4, "tensor": 1}), compile_step=False)
+    text = loop.plan(tiny(mesh={"data": 2, "fsdp": 4, "tensor": 1}), lower=False)
     assert "'fsdp'" in text and "MiB/device" in text
 
 

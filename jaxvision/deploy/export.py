@@ -1,5 +1,9 @@
 """A serving artifact with the model card's preprocessing inside, so serving cannot disagree
-with training: raw uint8 images (batch, H, W, 3) in, logits out.
+with training: raw uint8 images (batch, H, W, 3) in, logits out. It is traced with the portable
+ops (`jaxvision.models.ops`), whatever host exports it, and lowered for every platform in
+`export.platforms` (cpu, cuda and tpu by default); `export.cpu_rewrites=true` is the explicit
+choice of the CPU backend's XLA rewrites for a CPU-only artifact, which never holds oneDNN's
+custom calls either.
 
 The graph resizes the short side to floor(size / crop_pct) (antialiased, the card's
 interpolation, rounded to uint8 like the host pipeline's PIL resize), takes the central
@@ -30,9 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvision import native
+from jaxvision import backends
 from jaxvision.errors import DEPLOY_EXTRA, UserError
-from jaxvision.models import conv as conv_lib
+from jaxvision.models.ops import Ops
 from jaxvision.train import step as step_lib
 
 FORMATS = ("stablehlo", "onnx")
@@ -88,19 +92,26 @@ def serving_fn(apply, variables, *, size: int, crop_pct: float, interpolation: s
     return serve
 
 
-def export_stablehlo(serve, input_size: tuple[int, int]) -> bytes:
+def export_ops(fmt: str, cpu_rewrites: bool = False) -> Ops:
+    """The ops an artifact is traced with: portable (pooling as views for ONNX, which jax2onnx
+    translates exactly), or with `cpu_rewrites` the CPU backend's rewrites without oneDNN."""
+    if cpu_rewrites:
+        from jaxvision.backends.cpu.ops import CpuOps
+        return CpuOps(native=False)
+    return Ops(pool_by_views=fmt == "onnx")
+
+
+def export_stablehlo(serve, input_size: tuple[int, int], platforms: tuple[str, ...]) -> bytes:
     batch = jax.export.symbolic_shape("batch")[0]
     spec = jax.ShapeDtypeStruct((batch, *input_size, 3), jnp.uint8)
-    with native.portable():  # no custom calls: the artifact runs where jaxvision is not installed
-        return bytes(jax.export.export(jax.jit(serve))(spec).serialize())
+    return bytes(jax.export.export(jax.jit(serve), platforms=platforms)(spec).serialize())
 
 
-def export_onnx(serve, input_size: tuple[int, int]) -> bytes:
+def export_onnx(serve, input_size: tuple[int, int], platforms=None) -> bytes:
     from jax2onnx import to_onnx  # installed: check_format ran first
     spec = types.SimpleNamespace(shape=("B", *input_size, 3), dtype=np.uint8)
     logging.getLogger("onnx_ir").setLevel(logging.ERROR)  # one warning per untyped shape constant
-    with conv_lib.lax_only():  # ONNX Conv nodes, which onnxruntime fuses and optimises
-        proto = to_onnx(serve, [spec], model_name="jaxvision", input_names=["images"], output_names=["logits"])
+    proto = to_onnx(serve, [spec], model_name="jaxvision", input_names=["images"], output_names=["logits"])
     # jax2onnx (0.17) annotates the NHWC<->NCHW transposes around each Conv with wrong intermediate
     # shapes, which onnxruntime's shape inference then rejects at the first residual Add; the
     # annotations are optional, so they go and onnxruntime infers every shape itself.
@@ -108,8 +119,8 @@ def export_onnx(serve, input_size: tuple[int, int]) -> bytes:
     return proto.SerializeToString()
 
 
-def export_artifact(fmt: str, serve, input_size: tuple[int, int]) -> bytes:
-    return (export_stablehlo if fmt == "stablehlo" else export_onnx)(serve, input_size)
+def export_artifact(fmt: str, serve, input_size: tuple[int, int], platforms: tuple[str, ...]) -> bytes:
+    return (export_stablehlo if fmt == "stablehlo" else export_onnx)(serve, input_size, platforms)
 
 
 def write(out_dir: str, name: str, fmt: str, artifact: bytes, meta: dict) -> str:
@@ -133,6 +144,19 @@ def load(path: str):
     with open(path, "rb") as f:
         exported = jax.export.deserialize(bytearray(f.read()))
     return exported.call
+
+
+def check_platforms(text: str, fmt: str, cpu_rewrites: bool = False) -> tuple[str, ...]:
+    """`export.platforms` ("cpu,cuda,tpu") as a tuple, checked before any work."""
+    platforms = tuple(p.strip() for p in str(text).split(",") if p.strip())
+    if not platforms:
+        raise ExportError(f"config.export.platforms is empty: name some of {', '.join(backends.PLATFORMS)}")
+    for p in platforms:
+        backends.check_platform(p, "each of config.export.platforms")
+    if cpu_rewrites and (platforms != ("cpu",) or fmt != "stablehlo"):
+        raise ExportError("config.export.cpu_rewrites=true makes a CPU-only StableHLO artifact: "
+                          "add --config.export.platforms=cpu --config.export.format=stablehlo")
+    return platforms
 
 
 def check_format(fmt: str, quantize: str = "") -> None:

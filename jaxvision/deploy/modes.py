@@ -3,6 +3,7 @@ explain, each on the workdir's best (else latest) checkpoint or `config.init_fro
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -11,9 +12,11 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from jaxvision import backends
 from jaxvision.data import pipeline
 from jaxvision.deploy import calibration, export as export_lib, predict as predict_lib, quantize as quantize_lib
 from jaxvision.errors import UserError
+from jaxvision.models.ops import PORTABLE
 from jaxvision.parallel import mesh as mesh_lib
 from jaxvision.train import evaluate as eval_lib, loop, step as step_lib
 from jaxvision.train.writer import table
@@ -40,6 +43,11 @@ def _trained(config, workdir: str, *, evaluate: bool = False):
 
 def _float_apply(s):
     return lambda variables, images: s.model.apply(variables, images, train=False)
+
+
+def _portable(s):
+    """The setup with its model on the portable ops, for the modes that intercept its layers."""
+    return dataclasses.replace(s, model=s.model.clone(ops=PORTABLE))
 
 
 def _logits_fn(s, variable_shardings, apply=None):
@@ -168,13 +176,16 @@ def predict(config, workdir: str) -> list[dict]:
 
 
 def export(config, workdir: str) -> str:
-    """Write WORKDIR/export/model.<format> with preprocessing inside, reload it, and check that it
-    reproduces the in-process logits on random images of the input size."""
+    """Write WORKDIR/export/model.<format> with preprocessing inside, for `export.platforms`,
+    traced with the portable ops; where it can run here, reload it and check that it reproduces
+    the in-process logits on random images of the input size."""
     fmt = config.export.format
     export_lib.check_format(fmt, config.export.quantize)
+    platforms = export_lib.check_platforms(config.export.platforms, fmt, config.export.cpu_rewrites)
     s, variables, _, step, names = _trained(config, workdir)
     variables = jax.device_get(variables)
-    apply = _float_apply(s)
+    model = s.model.clone(ops=export_lib.export_ops(fmt, config.export.cpu_rewrites))
+    apply = lambda v, x: model.apply(v, x, train=False)  # noqa: E731
     if config.export.quantize:
         apply, variables = _quantized(s, variables, config.export.quantize)
     d = s.config.data
@@ -182,8 +193,10 @@ def export(config, workdir: str) -> str:
     side = config.export.input_size or int(np.floor(s.image_size / crop_pct))
     serve = export_lib.serving_fn(apply, variables, size=s.image_size, crop_pct=crop_pct,
                                   interpolation=interpolation, mean=s.card.mean, std=s.card.std)
-    artifact = export_lib.export_artifact(fmt, serve, (side, side))
+    artifact = export_lib.export_artifact(fmt, serve, (side, side), platforms)
     meta = {"model": s.config.model.name, "step": step, "format": fmt,
+            "platforms": list(platforms) if fmt == "stablehlo" else None,
+            "ops": model.ops.describe(),
             "quantization": config.export.quantize or None, "input": [None, side, side, 3],
             "input_dtype": "uint8", "output": "logits", "class_names": names,
             "preprocessing": {"resize_short_side": int(np.floor(s.image_size / crop_pct)),
@@ -194,12 +207,17 @@ def export(config, workdir: str) -> str:
         meta["calibration"] = {k: cal[k] for k in ("temperature", "ood_score", "ood_threshold")}
     name = f"model_{config.export.quantize}" if config.export.quantize else "model"
     path = export_lib.write(os.path.join(workdir, "export"), name, fmt, artifact, meta)
+    size = f"{os.path.getsize(path) / 2 ** 20:.1f} MiB; input uint8 (batch, {side}, {side}, 3), {len(names)} classes"
+    where = f" for {', '.join(platforms)}" if fmt == "stablehlo" else ""
+    host = backends.platform_of(jax.devices())
+    if fmt == "stablehlo" and host not in platforms:
+        print(f"wrote {path} ({size}){where} and {name}.json; not reloaded: this host is {host}")
+        return path
     images = np.random.default_rng(0).integers(0, 256, (3, side, side, 3), dtype=np.uint8)
     want = np.asarray(jax.jit(serve)(images))
     got = np.asarray(export_lib.load(path)(images))
     rel = float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-12))
-    print(f"wrote {path} ({os.path.getsize(path) / 2 ** 20:.1f} MiB; input uint8 (batch, {side}, {side}, 3), "
-          f"{len(names)} classes) and {name}.json; reloaded: max |difference| / max |logit| = {rel:.1e}")
+    print(f"wrote {path} ({size}){where} and {name}.json; reloaded: max |difference| / max |logit| = {rel:.1e}")
     return path
 
 
@@ -211,6 +229,7 @@ def explain(config, workdir: str) -> list[str]:
 
     paths = predict_lib.list_inputs(config.predict.inputs)
     s, variables, _, _, names = _trained(config, workdir)
+    s = _portable(s)  # Grad-CAM and rollout intercept flax's own Conv, Dense and attention inputs
     variables = jax.device_get(variables)
     if isinstance(s.model, vit.VisionTransformer):
         method, heatmap = "attention rollout", explain_lib.attention_rollout

@@ -2,9 +2,9 @@
 
 qwix intercepts every `lax.conv_general_dilated` and `dot_general` inside the model: weights become
 int8 with one float32 scale per output channel, activations are quantized to int8 on the fly
-(dynamic range, absmax), and the products run on integers. Nothing in the model code changes; only
-the CPU convolution rewrite (models/conv.py) is switched off while tracing, because qwix must see
-each kernel as the convolution's own parameter to quantize it.
+(dynamic range, absmax), and the products run on integers. Nothing in the model code changes; the
+model runs on the portable ops (`jaxvision.models.ops`), whose Conv and Dense call lax's own
+convolution and dot_general, which qwix replaces.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvision.errors import DEPLOY_EXTRA, UserError
-from jaxvision.models import conv as conv_lib
+from jaxvision.models.ops import PORTABLE
 
 QTYPES = ("int8",)
 
@@ -34,19 +34,17 @@ def quantize(model, variables, image_shape, qtype: str = "int8"):
         raise UserError(f"quantization type must be one of {', '.join(QTYPES)}, not {qtype!r}")
     qwix = _qwix()
     rules = [qwix.QuantizationRule(module_path=".*", weight_qtype=qtype, act_qtype=qtype)]
-    qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules))
+    qmodel = qwix.quantize_model(model.clone(ops=PORTABLE), qwix.PtqProvider(rules))
     x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-    with conv_lib.lax_only():
-        abstract = nn.unbox(jax.eval_shape(lambda x: qmodel.init(jax.random.key(0), x, train=False), x))
+    abstract = nn.unbox(jax.eval_shape(lambda x: qmodel.init(jax.random.key(0), x, train=False), x))
     variables = jax.tree.map(jnp.asarray, nn.unbox(variables))
     params = qwix.quantize_params(variables["params"], abstract["params"])
     return qmodel, {**variables, "params": params}
 
 
 def apply(qmodel, variables, images):
-    """Logits of the quantized model (call inside jit; the context acts at trace time)."""
-    with conv_lib.lax_only():
-        return qmodel.apply(variables, images, train=False)
+    """Logits of the quantized model."""
+    return qmodel.apply(variables, images, train=False)
 
 
 def nbytes(tree) -> int:

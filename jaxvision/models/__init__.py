@@ -5,11 +5,15 @@
     variables = model.init(jax.random.key(0), images)          # images: NHWC, normalised
     logits = model.apply(variables, images, train=False)
     features = model.apply(variables, images, pre_logits=True)  # pooled, without the head
+
+Models run on portable ops (`jaxvision.models.ops.Ops`); `ops=jaxvision.backends.ops_for(platform)`
+gives a platform's own, e.g. the CPU backend's kernels.
 """
 
 from jaxvision.models import (  # noqa: F401  (registration)
     convnext, efficientnet, inception, mobilenet, resnet, swin, vgg, vit)
+from jaxvision.models.ops import Ops
 from jaxvision.models.registry import ModelCard, architecture, create, list_models, model_card
 from jaxvision.models.util import count_params, init_shapes
 
-__all__ = ["ModelCard", "architecture", "create", "list_models", "model_card", "count_params", "init_shapes"]
+__all__ = ["ModelCard", "Ops", "architecture", "create", "list_models", "model_card", "count_params", "init_shapes"]

@@ -24,7 +24,7 @@ class ConvNeXtBlock(layers.ZooModule, kw_only=True):
     def __call__(self, x, train: bool = False):
         y = self.conv(self.dim, 7, groups=self.dim, bias=True, name="conv_dw")(x)
         y = self.layer_norm("norm", axis_name="conv_out")(y)
-        y = layers.Mlp(hidden=4 * self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(y)
+        y = layers.Mlp(hidden=4 * self.dim, **self.shared, name="mlp")(y)
         gamma = self.param("gamma", nn.with_logical_partitioning(
             nn.initializers.constant(self.layer_scale), ("conv_out",)), (self.dim,), self.param_dtype)
         return x + layers.drop_path(y * gamma.astype(y.dtype), self.drop_path_rate, train)
@@ -76,7 +76,7 @@ class ConvNeXt(layers.ZooModule, kw_only=True):
 
     @nn.compact
     def __call__(self, x, train: bool = False, pre_logits: bool = False):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.shared
         x = Stem(dim=self.dims[0], name="stem", **kw)(x.astype(self.dtype))
         total, index, features = sum(self.depths), 0, []
         stages = layers.Stages(name="stages")

@@ -143,7 +143,7 @@ class MBConvBlock(layers.ZooModule, kw_only=True):
             y = act(bn(name="bn1")(conv(a.mid_ch, a.kernel, stride=a.stride, name="conv_exp")(y)))
             if a.se:
                 y = SqueezeExcite(width=a.se, act=self.se_act or a.act or self.act, gate=self.se_gate,
-                                  dtype=self.dtype, param_dtype=self.param_dtype, name="se")(y)
+                                  **self.shared, name="se")(y)
             y = bn(name="bn2")(conv(a.out_ch, 1, name="conv_pwl")(y))
         else:
             norms = iter(("bn1", "bn2", "bn3"))
@@ -153,7 +153,7 @@ class MBConvBlock(layers.ZooModule, kw_only=True):
             y = act(bn(name=next(norms))(y))
             if a.se:
                 y = SqueezeExcite(width=a.se, act=self.se_act or a.act or self.act, gate=self.se_gate,
-                                  dtype=self.dtype, param_dtype=self.param_dtype, name="se")(y)
+                                  **self.shared, name="se")(y)
             y = conv(a.out_ch, 1, name="conv_pwl" if a.kind == "ir" else "conv_pw")(y)
             y = bn(name=next(norms))(y)
         if a.skip:
@@ -223,7 +223,7 @@ class MBConvNet(layers.ZooModule, kw_only=True):
                     MBConvBlock, args=args, act=self.act, se_act=self.se_act, se_gate=self.se_gate,
                     padding=self.padding, bn_eps=self.bn_eps,
                     drop_path_rate=self.drop_path_rate * index / total,
-                    dtype=self.dtype, param_dtype=self.param_dtype))
+                    **self.shared))
                 index += 1
             x = container(i, functools.partial(layers.Sequential, made), x, train)
             last = i + 1 == len(self.blocks)

@@ -9,7 +9,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxvision.models import conv as conv_lib, layers
+from jaxvision.models import layers
 from jaxvision.models.registry import HALF, ModelCard, register
 
 
@@ -21,23 +21,9 @@ class ConvBN(layers.ZooModule, kw_only=True):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        kh, kw = self.kernel
         ph, pw = self.padding
-        x = nn.Conv(self.features, (kh, kw), strides=self.stride, padding=((ph, ph), (pw, pw)),
-                    use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                    conv_general_dilated=conv_lib.conv_general_dilated,
-                    kernel_init=nn.with_logical_partitioning(layers.conv_init, (None, None, "conv_in", "conv_out")),
-                    name="conv")(x)
+        x = self.conv(self.features, self.kernel, stride=self.stride, padding=((ph, ph), (pw, pw)), name="conv")(x)
         return nn.relu(self.batch_norm(train, name="bn", eps=1e-3)(x))
-
-
-def _avg3(x):
-    """PyTorch avg_pool2d(3, stride 1, padding 1), padding counted."""
-    return layers.avg_pool(x, (3, 3), (1, 1), ((1, 1), (1, 1)))
-
-
-def _max3s2(x):
-    return layers.max_pool(x, (3, 3), (2, 2))
 
 
 class InceptionModule(layers.ZooModule, kw_only=True):
@@ -51,19 +37,19 @@ class InceptionModule(layers.ZooModule, kw_only=True):
     def __call__(self, x, train: bool = False):
         def cb(name, features, kernel=(1, 1), stride=1, padding=(0, 0)):
             return lambda y: ConvBN(features=features, kernel=kernel, stride=stride, padding=padding,
-                                    dtype=self.dtype, param_dtype=self.param_dtype, name=name)(y, train)
+                                    **self.shared, name=name)(y, train)
         k = self.kind
         if k == "A":
             out = [cb("branch1x1", 64)(x),
                    cb("branch5x5_2", 64, (5, 5), padding=(2, 2))(cb("branch5x5_1", 48)(x)),
                    cb("branch3x3dbl_3", 96, (3, 3), padding=(1, 1))(
                        cb("branch3x3dbl_2", 96, (3, 3), padding=(1, 1))(cb("branch3x3dbl_1", 64)(x))),
-                   cb("branch_pool", self.pool_features)(_avg3(x))]
+                   cb("branch_pool", self.pool_features)(self.avg_pool(x, 3, 1, padding=1))]
         elif k == "B":
             out = [cb("branch3x3", 384, (3, 3), 2)(x),
                    cb("branch3x3dbl_3", 96, (3, 3), 2)(
                        cb("branch3x3dbl_2", 96, (3, 3), padding=(1, 1))(cb("branch3x3dbl_1", 64)(x))),
-                   _max3s2(x)]
+                   self.max_pool(x, 3, 2)]
         elif k == "C":
             c7 = self.c7
             b7 = cb("branch7x7_1", c7)(x)
@@ -72,12 +58,12 @@ class InceptionModule(layers.ZooModule, kw_only=True):
             for i, (features, kernel, pad) in enumerate([(c7, (7, 1), (3, 0)), (c7, (1, 7), (0, 3)),
                                                          (c7, (7, 1), (3, 0)), (192, (1, 7), (0, 3))]):
                 d = cb(f"branch7x7dbl_{i + 2}", features, kernel, padding=pad)(d)
-            out = [cb("branch1x1", 192)(x), b7, d, cb("branch_pool", 192)(_avg3(x))]
+            out = [cb("branch1x1", 192)(x), b7, d, cb("branch_pool", 192)(self.avg_pool(x, 3, 1, padding=1))]
         elif k == "D":
             b3 = cb("branch3x3_2", 320, (3, 3), 2)(cb("branch3x3_1", 192)(x))
             b7 = cb("branch7x7x3_1", 192)(x)
             b7 = cb("branch7x7x3_3", 192, (7, 1), padding=(3, 0))(cb("branch7x7x3_2", 192, (1, 7), padding=(0, 3))(b7))
-            out = [b3, cb("branch7x7x3_4", 192, (3, 3), 2)(b7), _max3s2(x)]
+            out = [b3, cb("branch7x7x3_4", 192, (3, 3), 2)(b7), self.max_pool(x, 3, 2)]
         else:  # E
             b3 = cb("branch3x3_1", 384)(x)
             b3 = jnp.concatenate([cb("branch3x3_2a", 384, (1, 3), padding=(0, 1))(b3),
@@ -85,7 +71,7 @@ class InceptionModule(layers.ZooModule, kw_only=True):
             d = cb("branch3x3dbl_2", 384, (3, 3), padding=(1, 1))(cb("branch3x3dbl_1", 448)(x))
             d = jnp.concatenate([cb("branch3x3dbl_3a", 384, (1, 3), padding=(0, 1))(d),
                                  cb("branch3x3dbl_3b", 384, (3, 1), padding=(1, 0))(d)], axis=-1)
-            out = [cb("branch1x1", 320)(x), b3, d, cb("branch_pool", 192)(_avg3(x))]
+            out = [cb("branch1x1", 320)(x), b3, d, cb("branch_pool", 192)(self.avg_pool(x, 3, 1, padding=1))]
         return jnp.concatenate(out, axis=-1)
 
 
@@ -116,17 +102,17 @@ class InceptionV3(layers.ZooModule, kw_only=True):
 
     @nn.compact
     def __call__(self, x, train: bool = False, pre_logits: bool = False):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.shared
         x = x.astype(self.dtype)
         x = ConvBN(features=32, kernel=(3, 3), stride=2, name="Conv2d_1a_3x3", **kw)(x, train)
         x = ConvBN(features=32, kernel=(3, 3), name="Conv2d_2a_3x3", **kw)(x, train)
         x = ConvBN(features=64, kernel=(3, 3), padding=(1, 1), name="Conv2d_2b_3x3", **kw)(x, train)
         features = [x]
-        x = _max3s2(x)
+        x = self.max_pool(x, 3, 2)
         x = ConvBN(features=80, name="Conv2d_3b_1x1", **kw)(x, train)
         x = ConvBN(features=192, kernel=(3, 3), name="Conv2d_4a_3x3", **kw)(x, train)
         features.append(x)
-        x = _max3s2(x)
+        x = self.max_pool(x, 3, 2)
         for name, kind, opts in MIXED:
             x = InceptionModule(kind=kind, name=name, **opts, **kw)(x, train)
             if name in ("Mixed_5d", "Mixed_6e", "Mixed_7c"):

@@ -98,8 +98,8 @@ def architecture(name: str) -> dict:
 
 
 def create(name: str, **overrides) -> nn.Module:
-    """Build the Flax module registered as `name`; `overrides` set its fields
-    (num_classes, dtype, param_dtype, drop_rate, drop_path_rate, img_size for ViT, ...)."""
+    """Build the Flax module registered as `name`; `overrides` set its fields (num_classes, dtype,
+    param_dtype, drop_rate, drop_path_rate, img_size for ViT, ops: see `jaxvision.models.ops`)."""
     entry = _entry(name)
     bad = sorted(set(overrides) - entry.fields())
     if bad:

@@ -21,12 +21,6 @@ from jaxvision.models.registry import ModelCard, register
 STEMS = ("7x7", "3x3", "deep")
 
 
-def avg_pool_ceil(x, stride: int):
-    """PyTorch's AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)."""
-    pads = [(0, (-size) % stride) for size in x.shape[1:3]]
-    return layers.avg_pool(x, (2, 2), (stride, stride), pads, count_include_pad=False)
-
-
 class Downsample(layers.ZooModule, kw_only=True):
     """Shortcut projection: 1x1 strided conv + BN (`downsample.0` / `.1`), or with `avg_down`
     average pooling, then a 1x1 conv + BN (`downsample.1` / `.2`)."""
@@ -41,7 +35,9 @@ class Downsample(layers.ZooModule, kw_only=True):
             x = self.conv(self.features, 1, stride=self.stride, name="0")(x)
             return self.batch_norm(train, name="1")(x)
         if self.stride > 1:
-            x = avg_pool_ceil(x, self.stride)
+            # PyTorch's AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)
+            pads = [(0, (-size) % self.stride) for size in x.shape[1:3]]
+            x = self.avg_pool(x, 2, self.stride, pads, count_include_pad=False)
         x = self.conv(self.features, 1, name="1")(x)
         return self.batch_norm(train, name="2")(x)
 
@@ -68,7 +64,7 @@ class BasicBlock(layers.ZooModule, kw_only=True):
         if not self.downsample:
             return x
         return Downsample(features=self.planes * self.expansion, stride=self.stride, avg_down=self.avg_down,
-                          dtype=self.dtype, param_dtype=self.param_dtype, name="downsample")(x, train)
+                          **self.shared, name="downsample")(x, train)
 
 
 class Bottleneck(BasicBlock, kw_only=True):
@@ -141,15 +137,14 @@ class ResNet(layers.ZooModule, kw_only=True):
             raise UserError(f"ResNet stem must be one of {', '.join(STEMS)}, not {self.stem!r}")
         x = x.astype(self.dtype)
         if self.stem == "deep":
-            x = DeepStem(width=self.stem_width, out=self.width, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name="conv1")(x, train)
+            x = DeepStem(width=self.stem_width, out=self.width, name="conv1", **self.shared)(x, train)
         else:
             big = self.stem == "7x7"
             x = self.conv(self.width, 7 if big else 3, stride=2 if big else 1, name="conv1")(x)
         x = nn.relu(self.batch_norm(train, name="bn1")(x))
         features = [x]
         if self.stem != "3x3":
-            x = layers.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+            x = self.max_pool(x, 3, 2, padding=1)
         block = {"basic": BasicBlock, "bottleneck": Bottleneck}[self.block]
         total, index, in_ch = sum(self.depths), 0, self.width
         for stage, depth in enumerate(self.depths):
@@ -161,7 +156,7 @@ class ResNet(layers.ZooModule, kw_only=True):
                     downsample=i == 0 and (stride != 1 or in_ch != planes * block.expansion),
                     avg_down=self.avg_down, cardinality=self.cardinality, base_width=self.base_width,
                     drop_path_rate=self.drop_path_rate * index / max(total - 1, 1),
-                    dtype=self.dtype, param_dtype=self.param_dtype))
+                    **self.shared))
                 in_ch, index = planes * block.expansion, index + 1
             x = layers.Sequential(blocks, name=f"layer{stage + 1}")(x, train)
             features.append(x)

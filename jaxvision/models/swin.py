@@ -105,13 +105,13 @@ class SwinBlock(layers.ZooModule, kw_only=True):
         y = jnp.pad(y, ((0, 0), (0, ph), (0, pw), (0, 0)))
         hp, wp = h + ph, w + pw
         mask = jnp.asarray(shifted_window_mask(hp, wp, ws, shift)) if shift else None
-        y = WindowAttention(num_heads=self.num_heads, window_size=self.window_size, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name="attn")(window_partition(y, ws), ws, mask)
+        y = WindowAttention(num_heads=self.num_heads, window_size=self.window_size, name="attn",
+                            **self.shared)(window_partition(y, ws), ws, mask)
         y = window_reverse(y, ws, hp, wp)[:, :h, :w]
         if shift:
             y = jnp.roll(y, (shift, shift), axis=(1, 2))
         x = x + layers.drop_path(y, self.drop_path_rate, train)
-        y = layers.Mlp(hidden=int(c * self.mlp_ratio), dtype=self.dtype, param_dtype=self.param_dtype,
+        y = layers.Mlp(hidden=int(c * self.mlp_ratio), **self.shared,
                        name="mlp")(self.layer_norm("norm2", eps=LN_EPS)(x), train)
         return x + layers.drop_path(y, self.drop_path_rate, train)
 
@@ -171,7 +171,7 @@ class SwinTransformer(layers.ZooModule, kw_only=True):
 
     @nn.compact
     def __call__(self, x, train: bool = False, pre_logits: bool = False):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.shared
         x = PatchEmbed(patch_size=self.patch_size, embed_dim=self.embed_dim, name="patch_embed", **kw)(
             x.astype(self.dtype))
         total, index, features = sum(self.depths), 0, []

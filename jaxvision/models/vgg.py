@@ -39,7 +39,7 @@ class Features(layers.ZooModule, kw_only=True):
         for v in self.cfg:
             if v == "M":
                 taps.append(x)
-                x = layers.max_pool(x, (2, 2), (2, 2))
+                x = self.max_pool(x, 2, 2)
                 index += 1
                 continue
             x = self.conv(v, 3, bias=True, name=str(index))(x)
@@ -86,7 +86,7 @@ class VGG(layers.ZooModule, kw_only=True):
 
     @nn.compact
     def __call__(self, x, train: bool = False, pre_logits: bool = False):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.shared
         x, taps = Features(cfg=tuple(self.cfg), use_bn=self.use_bn, name="features", **kw)(
             x.astype(self.dtype), train)
         if self.features_only:

@@ -14,7 +14,7 @@ from typing import Mapping
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxvision.errors import UserError
 
@@ -73,6 +73,20 @@ def make_mesh(ici: Mapping[str, int], dcn: Mapping[str, int] | None = None,
                                                 process_is_granule=by_process,
                                                 allow_split_physical_axes=True)
     return Mesh(grid, AXES, axis_types=types)
+
+
+def abstract_mesh(ici: Mapping[str, int], dcn: Mapping[str, int] | None, num_devices: int) -> AbstractMesh:
+    """The mesh `make_mesh` would build over `num_devices` devices, without devices: for lowering
+    a program for a pod from any host. Each axis spans its ICI and DCN sizes."""
+    dcn = dict(dcn or {})
+    num_granules = math.prod(int(v) for v in dcn.values() if int(v) > 0)
+    if num_devices % num_granules:
+        raise MeshError(f"mesh_dcn {dcn} spans {num_granules} slices or hosts, which do not divide "
+                        f"{num_devices} devices")
+    dcn_shape = resolve_shape(dcn, num_granules, "dcn mesh") if dcn else (1,) * len(AXES)
+    ici_shape = resolve_shape(ici, num_devices // num_granules, "ici mesh")
+    shape = tuple(i * d for i, d in zip(ici_shape, dcn_shape))
+    return AbstractMesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

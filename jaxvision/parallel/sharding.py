@@ -95,7 +95,7 @@ def format_plan(rows, mesh: Mesh, max_rows: int = 40) -> str:
     total, per_device = sum(r[3] for r in rows), sum(r[4] for r in rows)
     shown = sorted(rows, key=lambda r: -r[3])[:max_rows]
     width = max([len(r[0]) for r in shown] + [9])
-    lines = [f"mesh {dict(mesh.shape)} over {mesh.devices.size} devices",
+    lines = [f"mesh {dict(mesh.shape)} over {mesh.size} devices",
              f"{'parameter':<{width}}  {'shape':<22} {'sharding':<34} {'MiB':>9} {'MiB/device':>10}"]
     for path, shape, spec, nbytes, dev in shown:
         lines.append(f"{path:<{width}}  {str(shape):<22} {spec:<34} {nbytes / 2**20:>9.2f} {dev / 2**20:>10.2f}")

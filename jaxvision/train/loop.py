@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from jaxvision import checkpoint, models, native
+from jaxvision import backends, checkpoint, models
 from jaxvision.data import mix as mix_lib
 from jaxvision.data import pipeline, sources, transforms
 from jaxvision.errors import UserError
@@ -98,9 +98,11 @@ def open_source(config, dataset: str, split: str) -> sources.Source:
                                val_fraction=config.data.val_fraction)
 
 
-def setup(config, *, train: bool = True, evaluate: bool = True) -> Setup:
-    """Mesh, data sources and model from the config; fails early with a clear message."""
-    mesh = mesh_lib.make_mesh(config.mesh, config.mesh_dcn)
+def setup(config, *, train: bool = True, evaluate: bool = True, platform: str = "", mesh=None) -> Setup:
+    """Mesh, data sources and model from the config; fails early with a clear message. The model
+    is traced with the ops for `platform` (default: the platform of the mesh's devices)."""
+    mesh = mesh or mesh_lib.make_mesh(config.mesh, config.mesh_dcn)
+    backends.check_backend(config.backend)
     train_src = open_source(config, config.data.dataset, config.data.train_split) if train else None
     eval_src = open_source(config, config.data.eval_dataset or config.data.dataset,
                      config.data.eval_split) if evaluate else None
@@ -113,6 +115,10 @@ def setup(config, *, train: bool = True, evaluate: bool = True) -> Setup:
         raise UserError(f"config.model.dtype must be one of {', '.join(DTYPES)}")
     card = models.model_card(config.model.name)
     kwargs = dict(config.model.kwargs)
+    if platform:
+        ops = backends.ops_for(platform, config.backend, mesh.size)
+    else:
+        ops = backends.for_mesh(mesh, config.backend)
     teacher = None
     if config.distill.teacher:
         d = config.distill
@@ -124,9 +130,9 @@ def setup(config, *, train: bool = True, evaluate: bool = True) -> Setup:
                                 f"(deit_*_distilled_*), not {config.model.name}")
             kwargs["distilled_training"] = True
         teacher = models.create(d.teacher, num_classes=num_classes, dtype=DTYPES[config.model.dtype],
-                                **dict(d.teacher_kwargs))
+                                ops=ops, **dict(d.teacher_kwargs))
     model = models.create(config.model.name, num_classes=num_classes, dtype=DTYPES[config.model.dtype],
-                          **kwargs)
+                          ops=ops, **kwargs)
     return Setup(config, mesh, model, card, int(config.data.image_size) or card.input_size,
                  num_classes, train_src, eval_src, teacher)
 
@@ -329,7 +335,7 @@ def _summary(s: Setup, evals: dict, rates: list, step: int, steps: int, wall: fl
         **({"final_ema_val_top1": final["ema_val_top1"]} if "ema_val_top1" in final else {}),
         "images_per_sec": float(np.median(rates)) if rates else None, "wall_seconds": wall,
         "devices": jax.device_count(), "processes": jax.process_count(), "mesh": dict(s.mesh.shape),
-        **({"cpu_kernels": native.describe()} if jax.default_backend() == "cpu" else {}),
+        "ops": s.model.ops.describe(),
         "preempted": preempted}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -378,25 +384,57 @@ def evaluate(config, workdir: str) -> dict:
     return result
 
 
-def plan(config, *, compile_step: bool = True) -> str:
-    """How every parameter is sharded (bytes per device) and, compiled on abstract inputs, what
-    one train step costs; needs no data when `config.model.num_classes` is set."""
-    s = setup(config, train=not config.model.num_classes, evaluate=False)
+def plan(config, workdir: str | None = None, *, lower: bool = True) -> str:
+    """How every parameter is sharded (bytes per device), and the train step lowered for
+    `config.plan.platform` (default: this host's) on abstract inputs: its FLOPs, its StableHLO
+    written to `config.plan.output` (default WORKDIR/plan_<platform>.stablehlo.mlir), and, when the
+    target is this host's platform, its compile time and memory. With `config.plan.devices` the
+    mesh is an abstract one of that many devices, so a CPU host can plan a TPU pod. Needs no data
+    when `config.model.num_classes` is set."""
+    host = backends.platform_of(jax.devices())
+    platform = backends.check_platform(config.plan.platform or host, "config.plan.platform")
+    devices = int(config.plan.devices) or len(jax.devices())
+    if devices < 1:
+        raise UserError(f"config.plan.devices must be at least 1 (0: this host's), not {config.plan.devices}")
+    s = setup(config, train=not config.model.num_classes, evaluate=False, platform=platform,
+              mesh=mesh_lib.abstract_mesh(config.mesh, config.mesh_dcn, devices) if config.plan.devices else None)
     local_batch = mesh_lib.check_batch(config.batch_size, s.mesh)
     tx = s.optimizer(1000)
     _, shapes, shardings = s.abstract_state(tx)
-    text = sharding.format_plan(sharding.plan_rows(shapes.params, shardings.params), s.mesh)
-    if compile_step:
-        b = config.batch_size
-        batch = {"image": jax.ShapeDtypeStruct((b, s.image_size, s.image_size, 3), jnp.uint8),
-                 "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
+    lines = [f"plan for {platform} ({s.model.ops.describe()})",
+             sharding.format_plan(sharding.plan_rows(shapes.params, shardings.params), s.mesh)]
+    opt_rows = sharding.plan_rows(shapes.opt_state, shardings.opt_state)
+    lines.append(f"optimizer state: {sum(r[3] for r in opt_rows) / 2**20:.2f} MiB, "
+                 f"{sum(r[4] for r in opt_rows) / 2**20:.2f} MiB per device")
+    if not lower:
+        return "\n".join(lines)
+    b = config.batch_size
+    batch = {"image": jax.ShapeDtypeStruct((b, s.image_size, s.image_size, 3), jnp.uint8),
+             "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
+    teacher = s.teacher_shapes()[0] if s.distilling else None
+    t = time.perf_counter()
+    lowered = jit_train_step(s, tx, shapes, shardings).trace(shapes, batch, teacher).lower(
+        lowering_platforms=(platform,))
+    seconds = time.perf_counter() - t
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    lines.append(f"train step: global batch {b} ({local_batch} per process) at {s.image_size}px, lowered "
+                 f"for {platform} in {seconds:.1f}s: {flops / 1e9:.1f} GFLOP per step, "
+                 f"{flops / 1e9 / s.mesh.size:.1f} per device (XLA's cost analysis of the lowered module)")
+    output = config.plan.output or (workdir and os.path.join(workdir, f"plan_{platform}.stablehlo.mlir"))
+    if output:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with open(output, "w") as f:
+            f.write(lowered.as_text())
+        lines.append(f"wrote its StableHLO to {output}")
+    if platform == host and not config.plan.devices:
         t = time.perf_counter()
-        teacher = s.teacher_shapes()[0] if s.distilling else None
-        compiled = jit_train_step(s, tx, shapes, shardings).lower(shapes, batch, teacher).compile()
-        seconds = time.perf_counter() - t
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        flops = float(cost.get("flops", 0.0)) if cost else 0.0
-        text += (f"\ntrain step: global batch {b} ({local_batch} per process) at {s.image_size}px, "
-                 f"compiled in {seconds:.1f}s, {flops / 1e9:.1f} GFLOP per step per device (XLA cost analysis)")
-    return text
+        compiled = lowered.compile()
+        mem = compiled.memory_analysis()
+        lines.append(f"compiled in {time.perf_counter() - t:.1f}s on this host: "
+                     f"{mem.temp_size_in_bytes / 2**20:.0f} MiB of temporaries per device")
+    else:
+        lines.append(f"not compiled: the target is {platform} x {s.mesh.size}, this host has "
+                     f"{host} x {len(jax.devices())}")
+    return "\n".join(lines)

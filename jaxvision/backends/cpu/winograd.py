@@ -17,7 +17,7 @@ channel GEMM per tile position between the input tiles and the output gradient m
 through the output transform's adjoint, then the kernel transform's adjoint.
 
 The price is float32 rounding: 1e-5 of the output's magnitude for F(4x4, 3x3), 1e-6 for
-F(2x2, 3x3), against 1e-6 for XLA's direct convolution (tests/test_conv.py); float32 only.
+F(2x2, 3x3), against 1e-6 for XLA's direct convolution (tests/test_cpu_rewrites.py); float32 only.
 """
 
 from __future__ import annotations

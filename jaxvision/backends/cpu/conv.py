@@ -1,9 +1,9 @@
-"""Convolution and dense-layer lowering for XLA's CPU backend (the `conv_general_dilated` every
-zoo Conv uses, the `dot_general` every zoo DenseGeneral uses).
+"""Convolutions and dense layers for XLA's CPU backend: the `conv_general_dilated` and
+`dot_general` of `CpuOps`' Conv and Dense layers.
 
-Where oneDNN's kernels are enabled (`jaxvision.native`: x86-64 Linux, one CPU device), every
+With oneDNN's kernels (`native=True`: `jaxvision.backends.cpu.native`, one-device meshes), every
 convolution and dense layer goes to them, except patch embeddings (stride = kernel), whose
-reshape-and-GEMM below has the faster backward. Otherwise, and for export:
+reshape-and-GEMM below has the faster backward. Otherwise:
 
 XLA:CPU hands a convolution to its Eigen kernels, which are fast for dense 3x3 convolutions on
 feature maps of 7x7 and up but slow for these (measured in experiments/PERF.md):
@@ -19,19 +19,15 @@ feature maps of 7x7 and up but slow for these (measured in experiments/PERF.md):
     far slower backward, than a reshape into patches and one GEMM;
   * stride-1 3x3 convolutions on maps of 14x14 and up in float32 (ResNet layers 1-3): Winograd's
     F(4x4, 3x3) or F(2x2, 3x3) (`winograd.py`), 1.2-2x forward and backward.
-On CPU these cases are rewritten so; everything else, and every case on GPU and TPU (where
-XLA's own convolution emitters are already good), goes to `lax.conv_general_dilated`.
+These cases are rewritten so; everything else goes to `lax.conv_general_dilated`.
 The GEMMs of 1x1 convolutions and dense layers get a backward pass that chooses which operand
 XLA:CPU transposes for the kernel gradient (`feature_matmul`: 1.2x on whole training steps).
 The rewrites are exact up to float summation order (Winograd's transforms add a rounding of
-1e-5 of the output's magnitude). `lax_only()` turns it off for code that must
-see every convolution and dense layer as the lax primitive on its kernel (qwix's int8
-quantization).
+1e-5 of the output's magnitude).
 """
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import math
 
@@ -39,52 +35,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxvision import native, tracing
-from jaxvision.models import winograd
-from jaxvision.native import ops as native_ops
+from jaxvision.backends.cpu import onednn, winograd
+from jaxvision.models.ops import output_size, windows
 
 NHWC = ("NHWC", "HWIO", "NHWC")
-_LOWER = contextvars.ContextVar("jaxvision_conv_lowering", default=True)
-
-
-def lax_only():
-    """While tracing inside this context, every convolution is `lax.conv_general_dilated`."""
-    return tracing.scoped(_LOWER, False)
-
-
-def lowering() -> bool:
-    """Whether the rewrites apply: on the CPU backend, outside `lax_only()`."""
-    return _LOWER.get() and jax.default_backend() == "cpu"
 
 
 def _explicit_padding(padding, spatial, kernel, strides):
     if isinstance(padding, str):
         return lax.padtype_to_pads(spatial, kernel, strides, padding)
     return [tuple(p) for p in padding]
-
-
-def output_size(size, kernel, strides, pads) -> tuple[int, int]:
-    """(out_h, out_w) of a window of `kernel` sliding by `strides` over `size` padded by `pads`."""
-    return tuple((n + lo + hi - k) // s + 1 for n, k, s, (lo, hi) in zip(size, kernel, strides, pads))
-
-
-def windows(x, kernel, strides, pads, fill=0.0):
-    """Yields (i, j, view): the NHWC input (padded with `fill`) seen by kernel tap (i, j), for
-    every output position. Taps that see only padding are left out (on tiny maps most do):
-    they add nothing to a sum, a convolution or a max."""
-    pads = [tuple(p) for p in pads]
-    size = x.shape[1:3]
-    (sh, sw), (kh, kw) = strides, kernel
-    out_h, out_w = output_size(size, kernel, strides, pads)
-    x = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=fill)
-
-    def real(tap, stride, out, lo, n):  # (an empty output, as in shape-only tracing, keeps all)
-        return out <= 0 or any(lo <= tap + stride * o < lo + n for o in range(out))
-
-    for i in range(kh):
-        for j in range(kw):
-            if real(i, sh, out_h, pads[0][0], size[0]) and real(j, sw, out_w, pads[1][0], size[1]):
-                yield i, j, x[:, i:i + (out_h - 1) * sh + 1:sh, j:j + (out_w - 1) * sw + 1:sw, :]
 
 
 SMALL_OUTPUT = 4  # output pixels up to which any dense convolution becomes im2col (2x2)
@@ -149,21 +109,21 @@ def _feature_matmul_bwd(n_in, precision, residuals, dy):
 feature_matmul.defvjp(_feature_matmul_fwd, _feature_matmul_bwd)
 
 
-def features(x, w, n_in=1, precision=None):
-    """`feature_matmul`, on the native kernels when they are on (`jaxvision.native`)."""
-    if native.enabled() and native_ops.dense_supported(x, w):
-        return native_ops.dense(x, w, n_in)
+def features(x, w, n_in=1, precision=None, native=False):
+    """`feature_matmul`, on oneDNN's kernels with `native` where they take the dtypes."""
+    if native and onednn.dense_supported(x, w):
+        return onednn.dense(x, w, n_in)
     return feature_matmul(x, w, n_in, precision)
 
 
-def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """Drop-in for `lax.dot_general` (as `nn.DenseGeneral(dot_general=...)`): a dense layer's
-    contraction of trailing input axes with leading kernel axes is `feature_matmul` on CPU."""
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *, native=False):
+    """Drop-in for `lax.dot_general`: a dense layer's contraction of trailing input axes with
+    leading kernel axes is `features`."""
     (lc, rc), (lb, rb) = dimension_numbers
     n = len(lc)
-    if (lowering() and not lb and not rb and preferred_element_type is None
+    if (not lb and not rb and preferred_element_type is None
             and tuple(lc) == tuple(range(lhs.ndim - n, lhs.ndim)) and tuple(rc) == tuple(range(n))):
-        return features(lhs, rhs, n, precision)
+        return features(lhs, rhs, n, precision, native)
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
 
@@ -181,7 +141,7 @@ def sum_by_halves(x):
 @jax.custom_vjp
 def add_across_batch(x, y):
     """x + y for y of shape (1, *x.shape[1:]) (ViT's position embedding), whose gradient for y
-    sums the batch by halves on CPU (`sum_by_halves`)."""
+    sums the batch by halves (`sum_by_halves`)."""
     return x + y
 
 
@@ -190,8 +150,7 @@ def _add_across_batch_fwd(x, y):
 
 
 def _add_across_batch_bwd(y, dy):
-    dy_sum = sum_by_halves(dy) if lowering() else jnp.sum(dy, 0, keepdims=True)
-    return dy, dy_sum.astype(y.dtype)
+    return dy, sum_by_halves(dy).astype(y.dtype)
 
 
 add_across_batch.defvjp(_add_across_batch_fwd, _add_across_batch_bwd)
@@ -257,7 +216,7 @@ def im2col(x, kernel, strides, pads, precision=None):
     return feature_matmul(patches, jnp.concatenate([kernel[i, j] for i, j, _ in taps]), 1, precision)
 
 
-def patch_matmul(x, kernel, precision=None):
+def patch_matmul(x, kernel, precision=None, native=False):
     """A convolution whose stride is its kernel, unpadded (ViT's patch embedding, the 4x4 stems
     and 2x2 downsampling of ConvNeXt and Swin): the input cut into its non-overlapping patches by
     a reshape, then one GEMM. Batch 16 at 224 px, forward / forward and backward against XLA's
@@ -266,7 +225,8 @@ def patch_matmul(x, kernel, precision=None):
     (kh, kw), (n, h, w, c) = kernel.shape[:2], x.shape
     x = x[:, :h - h % kh, :w - w % kw]  # rows and columns no patch covers, as 'VALID' drops them
     x = x.reshape(n, h // kh, kh, w // kw, kw, c).transpose(0, 1, 3, 2, 4, 5)
-    return features(x.reshape(n, h // kh, w // kw, kh * kw * c), kernel.reshape(-1, kernel.shape[-1]), 1, precision)
+    return features(x.reshape(n, h // kh, w // kw, kh * kw * c), kernel.reshape(-1, kernel.shape[-1]), 1, precision,
+                    native)
 
 
 def _depthwise(x, kernel, strides, pads):
@@ -315,21 +275,21 @@ depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, precision=None, **kw):
-    """Drop-in for `lax.conv_general_dilated` (as `nn.Conv(conv_general_dilated=...)`)."""
+                         dimension_numbers=None, feature_group_count=1, precision=None, *, native=False, **kw):
+    """Drop-in for `lax.conv_general_dilated` (as `nn.Conv(conv_general_dilated=...)`), on oneDNN's
+    kernels with `native` where they take the convolution."""
     nhwc = (lhs.ndim == 4 and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
             == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC))
-    if nhwc and not kw and lowering() and native.enabled():
+    if nhwc and not kw and native:
         dilation = tuple(rhs_dilation or (1, 1))
         extent = tuple((k - 1) * d + 1 for k, d in zip(rhs.shape[:2], dilation))
         pads = tuple(map(tuple, _explicit_padding(padding, lhs.shape[1:3], extent, window_strides)))
         patches = (tuple(window_strides) == rhs.shape[:2] != (1, 1) and not any(map(any, pads))
                    and feature_group_count == 1)  # `patch_matmul`'s backward is 2-3x oneDNN's
-        if not patches and native_ops.supported(lhs, rhs, tuple(window_strides), pads, dilation,
+        if not patches and onednn.supported(lhs, rhs, tuple(window_strides), pads, dilation,
                                                 lhs_dilation or (1, 1)):
-            return native_ops.conv(lhs, rhs, tuple(window_strides), pads, dilation, feature_group_count)
-    plain = (lowering() and nhwc
-             and all(d == 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1))) and not kw)
+            return onednn.conv(lhs, rhs, tuple(window_strides), pads, dilation, feature_group_count)
+    plain = nhwc and all(d == 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1))) and not kw
     if plain:  # strides and pads as hashable tuples: the custom VJPs take them as static arguments
         kernel, strides = rhs.shape[:2], tuple(window_strides)
         pads = tuple(map(tuple, _explicit_padding(padding, lhs.shape[1:3], kernel, strides)))
@@ -337,7 +297,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         if dense and kernel == (1, 1) and unpadded:
             return feature_matmul(subsample(lhs, strides), rhs[0, 0], 1, precision)
         if dense and strides == kernel and unpadded:
-            return patch_matmul(lhs, rhs, precision)
+            return patch_matmul(lhs, rhs, precision, native)
         if dense and as_im2col(kernel, strides, output_size(lhs.shape[1:3], kernel, strides, pads), rhs.shape[-1]):
             return im2col(lhs, rhs, strides, pads, precision)
         if feature_group_count == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[2] == 1:

@@ -1,5 +1,5 @@
 """oneDNN's convolution and matrix multiply with their gradients, for jitted JAX code on CPU
-(see `jaxvision.native`).
+(built and loaded by `jaxvision.backends.cpu.native`).
 
 `conv(x, w, strides, padding, dilation, groups)` is `lax.conv_general_dilated` on an NHWC map
 and an HWIO kernel with explicit (lo, hi) padding per spatial axis; its custom VJP calls
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvision import native
+from jaxvision.backends.cpu import native
 
 DTYPES = (jnp.float32, jnp.bfloat16)
 

@@ -1,4 +1,5 @@
-"""Native CPU kernels: oneDNN's convolutions, matrix multiplies and LayerNorm as XLA FFI calls.
+"""oneDNN's convolutions, matrix multiplies, LayerNorm and attention as XLA FFI calls on CPU:
+building and loading them (the calls themselves are `onednn.py`).
 
 XLA:CPU runs convolutions through Eigen, which on an AVX-512 Xeon reaches a third to a half of
 oneDNN's speed on ResNet's 3x3 layers, and its GEMMs copy one operand transposed for every kernel
@@ -8,24 +9,16 @@ layers, attention's batched products) and its LayerNorm for jitted JAX code, spr
 over XLA's own intra-op threads. It is compiled with the system's C++ compiler on first use
 (about 3 s) into `~/.cache/jaxvision/native/<hash>/` and reused by every later process.
 
-Needs oneDNN's library and headers, which jaxvision installs from PyPI on x86-64 Linux
-(onednn-cpu-gomp, onednn-devel-cpu-gomp), and a C++17 compiler. Where MKL is installed too (the
-`mkl` package, also a dependency there) float32 products run on its sgemm on Intel CPUs, as
-PyTorch's do, and on oneDNN's elsewhere, where it measured faster (an AMD EPYC);
-`JAXVISION_MKL=1` or `0` overrides the vendor. `JAXVISION_CPU_KERNELS` chooses:
-  auto   (default) oneDNN when it can be built and JAX has one CPU device, else XLA's own;
-  onednn always on CPU, and an error naming the fix when it cannot be built;
-  xla    never.
-With several devices the custom call would not be partitioned (XLA replicates its operands), so
-`auto` leaves multi-device programs, such as the tests' 8 virtual devices, to XLA. Export
-(`portable()`) never uses it: the artifact must run where jaxvision is not installed. The choice
-is made while tracing: a function jax has already traced keeps the kernels it was traced with.
+Needs x86-64 Linux, oneDNN's library and headers (the `cpu` extra installs them from PyPI:
+onednn-cpu-gomp, onednn-devel-cpu-gomp) and a C++17 compiler. Where MKL is installed too (the
+`mkl` package, also in the extra) float32 products run on its sgemm on Intel CPUs, as PyTorch's
+do, and on oneDNN's elsewhere, where it measured faster (an AMD EPYC); `JAXVISION_MKL=1` or `0`
+overrides the vendor when the library loads. The custom calls are registered for the CPU platform
+only, and XLA does not partition them: `CpuOps` uses them on one-device meshes only.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import ctypes
 import functools
 import glob
@@ -41,45 +34,20 @@ import time
 
 import jax
 
-from jaxvision import tracing
 from jaxvision.errors import UserError
 
-INSTALL = "pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0"
+INSTALL = "pip install 'jaxvision[cpu]'"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn.cc")
 # FFI target -> the symbol of its handler in onednn.cc
 TARGETS = {f"jaxvision_{name}": f"Jaxvision{symbol}" for name, symbol in [
     ("conv_fwd", "ConvForward"), ("conv_bwd_data", "ConvBackwardData"), ("conv_bwd_weights", "ConvBackwardWeights"),
     ("matmul", "Matmul"), ("layer_norm_fwd", "LayerNormForward"), ("layer_norm_bwd", "LayerNormBackward"),
     ("attention_fwd", "AttentionForward"), ("attention_bwd", "AttentionBackward")]}
-MODES = ("auto", "onednn", "xla")
-_PORTABLE = contextvars.ContextVar("jaxvision_portable", default=False)
-_MODE = contextvars.ContextVar("jaxvision_cpu_kernels", default=None)
 log = logging.getLogger(__name__)
 
 
 class Unavailable(UserError):
     """oneDNN's kernels cannot be built or loaded here; the message says why and what to do."""
-
-
-def mode() -> str:
-    """`use()`'s mode inside it, else `JAXVISION_CPU_KERNELS`'s."""
-    value = _MODE.get() or os.environ.get("JAXVISION_CPU_KERNELS", "auto").strip().lower() or "auto"
-    if value not in MODES:
-        raise UserError(f"JAXVISION_CPU_KERNELS must be one of {', '.join(MODES)}, not {value!r}")
-    return value
-
-
-@contextlib.contextmanager
-def use(value: str):
-    """While tracing inside this context, `mode()` is `value` (auto, onednn or xla)."""
-    with tracing.scoped(_MODE, value):
-        mode()
-        yield
-
-
-def portable():
-    """While tracing inside this context no custom call is emitted (jax.export, ONNX)."""
-    return tracing.scoped(_PORTABLE, True)
 
 
 def _onednn_roots() -> list[str]:
@@ -132,14 +100,15 @@ def _compile(out: str, compiler: str, include: str, libdir: str, mkl: str | None
 def build(cache_dir: str | None = None) -> str:
     """Path of the compiled kernels in `cache_dir` (default `~/.cache/jaxvision/native`),
     compiling them first unless a build for this source, jax, oneDNN and compiler is there."""
-    if platform.system() != "Linux":
-        raise Unavailable(f"the oneDNN kernels are built for Linux only, not {platform.system()}")
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        raise Unavailable(f"the oneDNN kernels are built for x86-64 Linux only, not {platform.system()} "
+                          f"{platform.machine()}")
     include, libdir = _find_onednn()
     mkl = _find_mkl(_onednn_roots())
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not compiler:
-        raise Unavailable("no C++ compiler (c++, g++ or $CXX) to build the oneDNN kernels: install one, "
-                          "or set JAXVISION_CPU_KERNELS=xla")
+        raise Unavailable("no C++ compiler (c++, g++ or $CXX) to build the oneDNN kernels: install one "
+                          "(Debian/Ubuntu: apt install g++)")
     with open(SOURCE, "rb") as f:
         key = hashlib.sha256(f.read() + "|".join([jax.__version__, include, os.path.realpath(
             os.path.join(libdir, "libdnnl.so")), compiler, mkl or ""]).encode()).hexdigest()[:16]
@@ -176,42 +145,24 @@ def library() -> ctypes.CDLL:
     return lib
 
 
-def _why_not() -> str | None:
-    """None when convolutions traced now go to oneDNN, else the reason they do not."""
-    if _PORTABLE.get():
-        return "exporting"
-    if jax.default_backend() != "cpu":
-        return f"backend {jax.default_backend()}"
-    wanted = mode()
-    if wanted == "xla":
-        return "JAXVISION_CPU_KERNELS=xla"
-    if wanted == "auto" and jax.device_count() != 1:
-        return f"{jax.device_count()} devices; JAXVISION_CPU_KERNELS=onednn forces it"
-    if wanted == "onednn":
-        library()
-        return None
+def unavailable() -> str | None:
+    """None when the kernels build and load here, else why not, in one line."""
     try:
         library()
     except Unavailable as e:
-        _note_once(str(e))
         return str(e).splitlines()[0]
     return None
 
 
-def enabled() -> bool:
-    """Whether convolutions and dense layers traced now go to oneDNN: on the CPU backend, outside
-    `portable()`, by `JAXVISION_CPU_KERNELS` (see the module docstring). `onednn` raises
-    `Unavailable` when the kernels cannot be built; `auto` then quietly keeps XLA's."""
-    return _why_not() is None
+def installed() -> bool:
+    """Whether oneDNN's library and headers are installed (the `cpu` extra), without building."""
+    try:
+        _find_onednn()
+    except Unavailable:
+        return False
+    return platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
 
 
-def describe() -> str:
-    """What convolutions traced now run on, for logs and summaries: 'oneDNN 3.2.0
-    (avx512_core_amx)', or 'XLA (why not oneDNN)'."""
-    reason = _why_not()
-    return library().JaxvisionOnednnInfo().decode() if reason is None else f"XLA ({reason})"
-
-
-@functools.cache
-def _note_once(reason: str) -> None:
-    log.info("jaxvision: XLA's CPU convolutions (oneDNN's unavailable: %s)", reason)
+def info() -> str:
+    """What the kernels dispatch to, e.g. 'oneDNN 3.2.0 (avx512_core_amx)'."""
+    return library().JaxvisionOnednnInfo().decode()

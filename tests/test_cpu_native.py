@@ -1,8 +1,9 @@
-"""oneDNN's kernels (`jaxvision.native`) compute what XLA computes, values and gradients, for the
-convolutions, dense layers and attention products the zoo uses; `JAXVISION_CPU_KERNELS` and
-export decide where they apply; a missing oneDNN is a clear message. Skipped where oneDNN
-cannot be built (jaxvision installs it on x86-64 Linux; .ci/run checks that it builds)."""
+"""oneDNN's kernels (`jaxvision.backends.cpu.native`) compute what XLA computes, values and
+gradients, for the convolutions, dense layers, LayerNorms and attention the zoo uses; a CPU run
+on one device uses them and says so; a missing oneDNN is a clear message. Skipped where oneDNN
+cannot be built (the `cpu` extra installs it on x86-64 Linux; .ci/run checks that it builds)."""
 
+import functools
 import json
 import os
 import subprocess
@@ -15,11 +16,11 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxvision import models, native
-from jaxvision.errors import UserError
-from jaxvision.models import conv, layers, vit
-from jaxvision.native import ops
-from tests.test_conv import DENSE_CASES, dense_results
+from jaxvision import backends, models
+from jaxvision.backends.cpu import attention, conv, layers, native, onednn as ops
+from jaxvision.backends.cpu.ops import CpuOps
+from jaxvision.models.ops import PORTABLE
+from tests.test_cpu_rewrites import DENSE_CASES, dense_results
 
 try:
     native.library()
@@ -48,11 +49,8 @@ def rel(a, b):
     return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))  # both zero: 0
 
 
-def hlo(fn, *args, kernels="onednn"):
-    """The lowered program of `fn` traced under `kernels` (a fresh function each time: jax caches
-    traces by function, and the kernels are chosen while tracing)."""
-    with native.use(kernels):
-        return jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
+def hlo(fn, *args):
+    return jax.jit(fn).lower(*args).as_text()
 
 
 @pytest.mark.parametrize("size,cin,cout,k,stride,groups,padding,dilation", CASES)
@@ -60,18 +58,18 @@ def test_convolution_matches_lax(size, cin, cout, k, stride, groups, padding, di
     x = jax.random.normal(jax.random.key(0), (2, size, size, cin))
     w = jax.random.normal(jax.random.key(1), (k, k, cin // groups, cout))
     kw = dict(dimension_numbers=conv.NHWC, feature_group_count=groups, rhs_dilation=(dilation, dilation))
+    native_conv = functools.partial(conv.conv_general_dilated, native=True)
 
     def loss(f):
         return lambda x, w: jnp.sum(jnp.sin(f(x, w, (stride, stride), padding, **kw)))
 
-    with native.use("onednn"):
-        ours = jax.jit(lambda x, w: conv.conv_general_dilated(x, w, (stride, stride), padding, **kw))(x, w)
-        grads = jax.jit(jax.grad(loss(conv.conv_general_dilated), (0, 1)))(x, w)
+    ours = jax.jit(lambda x, w: native_conv(x, w, (stride, stride), padding, **kw))(x, w)
+    grads = jax.jit(jax.grad(loss(native_conv), (0, 1)))(x, w)
     ref = lax.conv_general_dilated(x, w, (stride, stride), padding, **kw)
     assert ours.shape == ref.shape and rel(ours, ref) < 1e-5
     for g, g_ref in zip(grads, jax.grad(loss(lax.conv_general_dilated), (0, 1))(x, w)):
         assert rel(g, g_ref) < 1e-5
-    text = hlo(lambda x, w: conv.conv_general_dilated(x, w, (stride, stride), padding, **kw), x, w)
+    text = hlo(lambda x, w: native_conv(x, w, (stride, stride), padding, **kw), x, w)
     patch_embedding = k == stride > 1 and padding == "VALID"
     assert ("jaxvision_conv_fwd" in text) != patch_embedding
 
@@ -111,9 +109,9 @@ def test_bfloat16_depthwise_gradients_run_on_the_float32_kernels():
 
 @pytest.mark.parametrize("shape,axis,features", DENSE_CASES)
 def test_dense_matches_lax(shape, axis, features):
-    with native.use("onednn"):
-        (got, got_grads), (ref, ref_grads) = dense_results(shape, axis, features)
-    layer, x = nn.DenseGeneral(features, axis=axis, dot_general=conv.dot_general), jnp.zeros(shape)
+    (got, got_grads), (ref, ref_grads) = dense_results(shape, axis, features, native=True)
+    layer = nn.DenseGeneral(features, axis=axis, dot_general=functools.partial(conv.dot_general, native=True))
+    x = jnp.zeros(shape)
     assert "jaxvision_matmul" in hlo(layer.apply, layer.init(jax.random.key(1), x), x)
     assert rel(got, ref) < 1e-6
     for g, g_ref in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads)):
@@ -153,8 +151,8 @@ def test_float32_products_run_on_mkl_on_intel_cpus_unless_overridden():
         pytest.skip("MKL is not installed")
     with open("/proc/cpuinfo") as f:
         intel = "GenuineIntel" in f.read()
-    script = ("from tests.test_native import _matmul_cases, native; "
-              "print(native.library().JaxvisionOnednnInfo().decode(), max(_matmul_cases()))")
+    script = ("from tests.test_cpu_native import _matmul_cases, native; "
+              "print(native.info(), max(_matmul_cases()))")
     for setting, mkl in (("", intel), ("1", True), ("0", False)):
         env = {**os.environ, "JAXVISION_MKL": setting, "JAX_NUM_CPU_DEVICES": "1"}
         out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
@@ -163,49 +161,45 @@ def test_float32_products_run_on_mkl_on_intel_cpus_unless_overridden():
         assert float(worst) < 1e-5
 
 
-@pytest.mark.parametrize("dtype,target,tolerance", [
-    (jnp.float32, "jaxvision_attention_fwd", 1e-5),  # one head at a time
-    (jnp.bfloat16, "jaxvision_matmul", 2e-2)])  # `vit._cpu_attention` with oneDNN's batched products
-def test_vit_attention_on_onednn_matches_xla(dtype, target, tolerance):
-    q, k, v = (jax.random.normal(jax.random.key(i), (2, 9, 3, 8)).astype(dtype) for i in range(3))
-    loss = lambda q, k, v: jnp.sum(jnp.sin(vit.attention(q, k, v).astype(jnp.float32)))  # noqa: E731
-    results = {}
-    for kernels in ("onednn", "xla"):  # fresh functions: jax caches traces by function
-        with native.use(kernels):
-            results[kernels] = (jax.jit(lambda *a: vit.attention(*a))(q, k, v),
-                                jax.jit(lambda *a: jax.grad(loss, (0, 1, 2))(*a))(q, k, v))
-    assert target in hlo(lambda *a: jax.grad(loss, (0, 1, 2))(*a), q, k, v)
-    for got, want in zip(jax.tree.leaves(results["onednn"]), jax.tree.leaves(results["xla"])):
+@pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_vit_attention_products_on_onednn_match_xla(dtype, tolerance):
+    """`attention._cpu_attention` with oneDNN's batched products (bfloat16 ViT inference's path)."""
+    qkv = jax.random.normal(jax.random.key(0), (2, 9, 3, 3, 8)).astype(dtype)
+    loss = lambda native: lambda t: jnp.sum(jnp.sin(attention._split_attention(t, native).astype(jnp.float32)))  # noqa: E731
+    results = {native: (jax.jit(lambda t: attention._split_attention(t, native))(qkv), jax.jit(jax.grad(loss(native)))(qkv))
+               for native in (True, False)}
+    assert "jaxvision_matmul" in hlo(jax.grad(loss(True)), qkv)
+    assert "jaxvision_" not in hlo(jax.grad(loss(False)), qkv)
+    for got, want in zip(results[True], results[False]):
         assert got.dtype == dtype and rel(got, want) < tolerance
+
+
+def _fused(qkv):
+    """{native: (output, gradient)} of `attention.fused_attention` with and without the kernels."""
+    loss = lambda native: lambda t: jnp.sum(jnp.sin(attention.fused_attention(t, native).astype(jnp.float32)))  # noqa: E731
+    return {native: (jax.jit(lambda t: attention.fused_attention(t, native))(qkv), jax.jit(jax.grad(loss(native)))(qkv))
+            for native in (True, False)}, loss
 
 
 def test_fused_attention_reads_the_projection_in_place():
     """ViT's (batch, tokens, 3, heads, d) projection output straight into the kernel, and its
     gradient straight out: values and gradients as XLA's, and no transpose left to XLA."""
     qkv = jax.random.normal(jax.random.key(0), (2, 9, 3, 3, 8))
-    loss = lambda qkv: jnp.sum(jnp.sin(vit.fused_attention(qkv)))  # noqa: E731
-    results = {}
-    for kernels in ("onednn", "xla"):
-        with native.use(kernels):
-            results[kernels] = (jax.jit(lambda a: vit.fused_attention(a))(qkv), jax.jit(lambda a: jax.grad(loss)(a))(qkv))
-    program = hlo(lambda a: jax.grad(loss)(a), qkv)
+    results, loss = _fused(qkv)
+    program = hlo(jax.grad(loss(True)), qkv)
     assert "jaxvision_attention_bwd" in program and "transpose" not in program
-    for got, want in zip(results["onednn"], results["xla"]):
+    for got, want in zip(results[True], results[False]):
         assert got.shape == want.shape and rel(got, want) < 1e-5
 
 
 def test_bfloat16_fused_attention_trains_on_the_kernels_and_infers_on_xla():
     """Half-precision ViT attention: XLA's in inference, the float32 kernels under differentiation
-    (`vit._half_attention`), both within bfloat16's precision of XLA's."""
+    (`attention._half_attention`), both within bfloat16's precision of XLA's."""
     qkv = jax.random.normal(jax.random.key(0), (2, 9, 3, 3, 8)).astype(jnp.bfloat16)
-    loss = lambda qkv: jnp.sum(jnp.sin(vit.fused_attention(qkv).astype(jnp.float32)))  # noqa: E731
-    results = {}
-    for kernels in ("onednn", "xla"):
-        with native.use(kernels):
-            results[kernels] = (jax.jit(lambda a: vit.fused_attention(a))(qkv), jax.jit(lambda a: jax.grad(loss)(a))(qkv))
-    assert "jaxvision_attention" not in hlo(lambda a: vit.fused_attention(a), qkv)
-    assert "jaxvision_attention_bwd" in hlo(lambda a: jax.grad(loss)(a), qkv)
-    for got, want in zip(results["onednn"], results["xla"]):
+    results, loss = _fused(qkv)
+    assert "jaxvision_attention" not in hlo(lambda t: attention.fused_attention(t, True), qkv)
+    assert "jaxvision_attention_bwd" in hlo(jax.grad(loss(True)), qkv)
+    for got, want in zip(results[True], results[False]):
         assert got.dtype == jnp.bfloat16 and got.shape == want.shape and rel(got, want) < 2e-2
 
 
@@ -213,16 +207,15 @@ def test_layer_norm_matches_flax():
     """Same parameters as `nn.LayerNorm` (checkpoints and converted weights load either way),
     same values and gradients."""
     x = 2.0 * jax.random.normal(jax.random.key(0), (3, 7, 24)) + 0.5
-    ours, ref = layers.LayerNorm(epsilon=1e-6), nn.LayerNorm(epsilon=1e-6)
+    ours, ref = layers.LayerNorm(epsilon=1e-6, native=True), nn.LayerNorm(epsilon=1e-6)
     params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(1), p.shape), ref.init(jax.random.key(2), x))
     assert jax.tree.structure(nn.unbox(ours.init(jax.random.key(2), x))) == jax.tree.structure(params)
 
     def grads(layer):
         return jax.grad(lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x))), (0, 1))(params, x)
 
-    with native.use("onednn"):
-        got, got_grads = jax.jit(lambda p, x: ours.apply(p, x))(params, x), jax.jit(lambda: grads(ours))()
-        assert "jaxvision_layer_norm_fwd" in jax.jit(lambda p, x: ours.apply(p, x)).lower(params, x).as_text()
+    got, got_grads = jax.jit(ours.apply)(params, x), jax.jit(lambda: grads(ours))()
+    assert "jaxvision_layer_norm_fwd" in hlo(ours.apply, params, x)
     assert rel(got, ref.apply(params, x)) < 1e-5
     for g, g_ref in zip(jax.tree.leaves(got_grads), jax.tree.leaves(grads(ref))):
         assert rel(g, g_ref) < 1e-5
@@ -234,65 +227,47 @@ def test_whole_models_agree_with_xla_in_training(name, size, kwargs):
     """Logits, the loss's parameter gradients and BatchNorm's batch variances, train mode. (Not the
     batch means: after a normalised input they are zero up to rounding, so no relative measure
     applies; and at 32 px or batch 2 the last stages' statistics of 2 numbers amplify rounding.)"""
-    model = models.create(name, num_classes=10, **kwargs)
     x = jax.random.normal(jax.random.key(0), (4, size, size, 3))
-    variables = jax.jit(model.init)(jax.random.key(1), x)
+    variables = jax.jit(models.create(name, num_classes=10, **kwargs).init)(jax.random.key(1), x)
 
-    def step(variables):
+    def step(model, variables):
         def loss(params):
             logits, updates = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
             return jnp.sum(jnp.sin(logits)), (logits, updates)
         return jax.grad(loss, has_aux=True)(variables["params"])
 
     outputs = {}
-    for kernels in ("onednn", "xla"):  # fresh functions: jax caches traces by function
-        with native.use(kernels):
-            outputs[kernels] = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(
-                jax.jit(lambda v: step(v))(variables))[0] if "mean" not in jax.tree_util.keystr(path)]
-    for got, want in zip(outputs["onednn"], outputs["xla"]):
+    for ops_ in (CpuOps(native=True), PORTABLE):
+        model = models.create(name, num_classes=10, ops=ops_, **kwargs)
+        outputs[ops_] = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(
+            jax.jit(functools.partial(step, model))(variables))[0] if "mean" not in jax.tree_util.keystr(path)]
+        assert ("jaxvision_" in hlo(functools.partial(step, model), variables)) == (ops_ != PORTABLE)
+    for got, want in zip(*outputs.values()):
         assert rel(got, want) < 1e-4
 
 
-def test_only_cpu_programs_on_one_device_use_it_unless_asked():
-    x, w = jnp.zeros((2, 8, 8, 4)), jnp.zeros((3, 3, 4, 4))
-    f = lambda x, w: conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=conv.NHWC)  # noqa: E731
-    assert "jaxvision_" in hlo(f, x, w, kernels="onednn")
-    assert "jaxvision_" not in hlo(f, x, w, kernels="xla")
-    with native.use("auto"):  # the tests' 8 virtual devices: a custom call would not be partitioned
-        assert jax.device_count() > 1 and not native.enabled()
-        assert "8 devices" in native.describe()
-    with native.portable():
-        assert "jaxvision_" not in hlo(f, x, w, kernels="onednn")
-    with conv.lax_only():
-        assert "jaxvision_" not in hlo(f, x, w, kernels="onednn")
-    with pytest.raises(UserError, match="JAXVISION_CPU_KERNELS must be one of auto, onednn, xla"), native.use("mkl"):
-        pass
+def test_one_device_cpu_programs_get_the_kernels_and_others_do_not():
+    assert backends.ops_for("cpu", devices=1) == CpuOps(native=True)
+    assert backends.ops_for("cpu", devices=8) == CpuOps(native=False)  # XLA would not partition them
+    assert backends.ops_for("cpu", "portable") == PORTABLE
+    for platform in ("tpu", "cuda", "rocm"):
+        assert not isinstance(backends.ops_for(platform, devices=1), CpuOps)
 
 
-def test_stablehlo_export_has_no_custom_call(tmp_path):
-    from jaxvision.deploy import export
-    model = models.create("resnet18", num_classes=3, width=8)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
-    serve = export.serving_fn(lambda v, x: model.apply(v, x), variables, size=16, crop_pct=1.0,
-                              interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3)
-    with native.use("onednn"):
-        artifact = export.export_stablehlo(serve, (16, 16))
-    assert b"jaxvision_" not in artifact
-    images = np.random.RandomState(0).randint(0, 256, (2, 16, 16, 3)).astype(np.uint8)
-    exported = jax.export.deserialize(bytearray(artifact))
-    assert rel(exported.call(images), jax.jit(serve)(images)) < 1e-5
-
-
-def test_a_missing_onednn_names_the_fix(monkeypatch, tmp_path):
+def test_a_missing_onednn_names_the_fix_and_the_path_that_runs(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(native, "_onednn_roots", lambda: [str(tmp_path)])
     native.library.cache_clear()
+    backends._note.cache_clear()
     try:
-        with native.use("onednn"), pytest.raises(native.Unavailable, match="pip install onednn-cpu-gomp"):
-            native.enabled()
-        with native.use("auto"):
-            assert not native.enabled()
+        assert "pip install 'jaxvision[cpu]'" in native.unavailable()
+        assert backends.ops_for("cpu") == PORTABLE  # auto: the extra is missing
+        assert backends.ops_for("cpu", "cpu") == CpuOps(native=False)  # asked for: the rewrites
+        lines = [r.getMessage() for r in caplog.records]
+        assert any("portable ops on CPU" in m and "jaxvision[cpu]" in m for m in lines), lines
+        assert any("without oneDNN's kernels" in m for m in lines), lines
     finally:
         native.library.cache_clear()
+        backends._note.cache_clear()
 
 
 def test_kernels_are_built_once_into_the_cache(tmp_path, caplog):
@@ -302,11 +277,11 @@ def test_kernels_are_built_once_into_the_cache(tmp_path, caplog):
     assert native.build(str(tmp_path)) == path and "compiling" not in caplog.text
 
 
-def test_command_line_training_on_one_device_uses_it_and_says_so(tmp_path, monkeypatch):
-    """`auto` on one CPU device, the default recipe shrunk: it trains, the summary names oneDNN."""
+def test_command_line_training_on_one_device_uses_it_and_says_so(tmp_path):
+    """`backend=auto` on one CPU device, the default recipe shrunk: it trains, the summary names
+    the CPU backend on oneDNN."""
     from tests.test_engine import TINY, cli, flags, losses
-    monkeypatch.setenv("JAXVISION_CPU_KERNELS", "auto")
     cli("--config", "configs/default.py", "--workdir", str(tmp_path), *flags({**TINY, "num_steps": 6}), devices=1)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["steps"] == 6 and summary["cpu_kernels"].startswith("oneDNN")
+    assert summary["steps"] == 6 and summary["ops"].startswith("cpu backend: oneDNN")
     assert len(losses(tmp_path)) == 6 and np.all(np.isfinite(losses(tmp_path)))

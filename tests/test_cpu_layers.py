@@ -1,5 +1,6 @@
-"""The CPU forms of ViT's attention, GELU and half-precision GEMMs equal the library definitions
-they replace: values, and for the hand-written backward passes, every gradient."""
+"""The CPU backend's attention, GELU and half-precision GEMMs (without oneDNN's kernels) equal the
+library definitions they replace: values, and for the hand-written backward passes, every
+gradient."""
 
 import jax
 import jax.numpy as jnp
@@ -7,26 +8,27 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from jaxvision.models import conv, layers, vit
+from jaxvision.backends.cpu import attention, conv, layers
 
 
-def _qkv(dtype, shape=(2, 7, 3, 8)):
-    keys = jax.random.split(jax.random.key(0), 3)
-    return [(2 * jax.random.normal(k, shape)).astype(dtype) for k in keys]
+def _qkv(dtype, shape=(2, 7, 3, 3, 8)):
+    """A fused projection's (batch, tokens, 3, heads, head_dim) output."""
+    return (2 * jax.random.normal(jax.random.key(0), shape)).astype(dtype)
 
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)])
 def test_cpu_attention_matches_dot_product_attention_values_and_gradients(dtype, tol):
-    q, k, v = _qkv(dtype)
-    cotangent = jax.random.normal(jax.random.key(1), q.shape).astype(dtype)
+    qkv = _qkv(dtype)
+    cotangent = jax.random.normal(jax.random.key(1), qkv[:, :, 0].shape).astype(dtype)
 
-    def pullback(fn, *args):
-        out, vjp = jax.vjp(fn, *args)
+    def pullback(fn, qkv):
+        out, vjp = jax.vjp(fn, qkv)
         return (out, *vjp(cotangent.astype(out.dtype)))
 
-    ours = pullback(vit.attention, q, k, v)
-    reference = pullback(jax.nn.dot_product_attention, *(t.astype(jnp.float32) for t in (q, k, v)))
-    for name, a, b in zip(("output", "dq", "dk", "dv"), ours, reference):
+    ours = pullback(lambda t: attention.fused_attention(t, native=False), qkv)
+    reference = pullback(lambda t: jax.nn.dot_product_attention(t[:, :, 0], t[:, :, 1], t[:, :, 2]),
+                         qkv.astype(jnp.float32))
+    for name, a, b in zip(("output", "dqkv"), ours, reference):
         assert a.dtype == dtype, name
         scale = float(jnp.abs(b).max())
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b), atol=tol * scale, err_msg=name)
@@ -35,7 +37,7 @@ def test_cpu_attention_matches_dot_product_attention_values_and_gradients(dtype,
 def test_cpu_attention_is_the_custom_backward_not_autodiff():
     """The hand-written backward is what runs: its jaxpr holds the custom VJP, so a change that
     drops it (and the speed) fails here rather than only in a benchmark."""
-    jaxpr = jax.make_jaxpr(vit.attention)(*_qkv(jnp.float32))
+    jaxpr = jax.make_jaxpr(lambda t: attention.fused_attention(t, native=False))(_qkv(jnp.float32))
     assert "custom_vjp_call" in str(jaxpr)
 
 

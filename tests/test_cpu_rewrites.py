@@ -1,7 +1,9 @@
-"""The CPU lowering of pointwise and depthwise convolutions equals `lax.conv_general_dilated`,
-values and gradients, for every stride/padding/size combination the zoo uses; the shifted-view
-pools equal flax's; `lax_only()` turns the lowering off. These are XLA's rewrites: oneDNN's
-kernels, which replace most of them where installed, are tests/test_native.py's."""
+"""The CPU backend's XLA rewrites (`jaxvision.backends.cpu.conv`, `winograd`, `layers`) equal what
+they replace: `lax.conv_general_dilated`, flax's Dense and pools, autodiff's gradients, for every
+stride/padding/size combination the zoo uses. oneDNN's kernels, which replace most convolutions
+on one-device meshes, are tests/test_cpu_native.py's."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,14 +12,8 @@ import pytest
 from flax import linen as nn
 from jax import lax
 
-from jaxvision import native
-from jaxvision.models import conv, layers, winograd
-
-
-@pytest.fixture(autouse=True)
-def xla_lowering():
-    with native.use("xla"):
-        yield
+from jaxvision.backends.cpu import conv, layers, winograd
+from jaxvision.models.ops import Ops, windows
 
 CASES = [  # (size, channels in, channels out, kernel, stride, groups, padding)
     (9, 8, 8, 3, 1, 8, "SAME"),
@@ -79,9 +75,6 @@ def test_pointwise_depthwise_and_small_or_strided_dense_are_rewritten_on_cpu_and
     assert "convolution" in hlo(3, 1, size=32, stride=2, features=16)  # too narrow a GEMM
     assert "convolution" in hlo(7, 1, size=32, stride=2) and "convolution" in hlo(5, 1, size=32)
     assert "convolution" not in hlo(4, 1, size=16, stride=4)  # "SAME" here has no padding: patches
-    with conv.lax_only():
-        assert "convolution" in hlo(1, 1) and "convolution" in hlo(3, 4)
-    assert "convolution" not in hlo(1, 1)
 
 
 @pytest.mark.parametrize("m", [2, 4])
@@ -148,8 +141,8 @@ def test_position_embedding_gradient_sums_the_batch_by_halves(batch):
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
     assert "reduce" not in jax.jit(jax.grad(loss(conv.add_across_batch), 1)).lower(x, y).as_text()
-    with conv.lax_only():
-        assert "reduce" in jax.jit(jax.grad(loss(conv.add_across_batch), 1)).lower(x, y).as_text()
+    if batch > 1:  # what it replaces
+        assert "reduce" in jax.jit(jax.grad(loss(jnp.add), 1)).lower(x, y).as_text()
 
 
 DENSE_CASES = [  # (input shape, contracted axes, features)
@@ -163,11 +156,11 @@ DENSE_CASES = [  # (input shape, contracted axes, features)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape,axis,features", DENSE_CASES)
 def test_zoo_dense_is_flax_dense_with_the_bias_gradient_summed_in_float32(shape, axis, features, dtype):
-    """`layers.DenseGeneral`: flax's parameters, values and gradients, its bias gradient summed
-    from the float32 output gradient (`conv.add_bias`; XLA:CPU sums bfloat16 30x slower)."""
+    """`layers.Dense`: flax's parameters, values and gradients, its bias gradient summed from the
+    float32 output gradient (`conv.add_bias`; XLA:CPU sums bfloat16 30x slower)."""
     x = jax.random.normal(jax.random.key(0), shape).astype(dtype)
     ours, ref = (cls(features, axis=axis, dtype=dtype, bias_init=nn.initializers.normal(1.0))
-                 for cls in (layers.DenseGeneral, nn.DenseGeneral))
+                 for cls in (layers.Dense, nn.DenseGeneral))
     params = ref.init(jax.random.key(1), x)
     for a, b in zip(jax.tree.leaves(ours.init(jax.random.key(1), x)), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -177,16 +170,17 @@ def test_zoo_dense_is_flax_dense_with_the_bias_gradient_summed_in_float32(shape,
     for a, b in zip(jax.tree.leaves(jax.grad(loss(ours))(params)), jax.tree.leaves(jax.grad(loss(ref))(params))):
         np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * float(jnp.max(jnp.abs(b))))
     summed = {cls: [str(e.invars[0].aval.dtype) for e in jax.make_jaxpr(jax.grad(loss(layer)))(params).eqns
-                    if e.primitive.name == "reduce_sum"] for cls, layer in ((layers.DenseGeneral, ours), (nn, ref))}
-    assert set(summed[layers.DenseGeneral]) == {"float32"}
+                    if e.primitive.name == "reduce_sum"] for cls, layer in ((layers.Dense, ours), (nn, ref))}
+    assert set(summed[layers.Dense]) == {"float32"}
     assert ("bfloat16" in summed[nn]) == (dtype == jnp.bfloat16)  # what it replaces
 
 
-def dense_results(shape, axis, features):
-    """(output, gradients of params and input) of a DenseGeneral through `conv.dot_general`, jitted
-    under the kernel mode in force, and the same through `lax.dot_general`."""
+def dense_results(shape, axis, features, native=False):
+    """(output, gradients of params and input) of a DenseGeneral through `conv.dot_general`
+    (oneDNN's with `native`), jitted, and the same through `lax.dot_general`."""
     x = jax.random.normal(jax.random.key(0), shape)
-    ours, ref = (nn.DenseGeneral(features, axis=axis, dot_general=d) for d in (conv.dot_general, lax.dot_general))
+    ours, ref = (nn.DenseGeneral(features, axis=axis, dot_general=d)
+                 for d in (functools.partial(conv.dot_general, native=native), lax.dot_general))
     params = ref.init(jax.random.key(1), x)
 
     def grads(layer):
@@ -221,15 +215,14 @@ def test_kernel_gradient_puts_the_operand_with_fewer_channels_on_the_left(cin, c
     ((2, 2), (2, 2), ((0, 1), (0, 1))),  # ResNet-D ceil-mode shortcut
 ])
 def test_pools_match_flax(window, stride, padding):
-    import flax.linen as nn
-
-    from jaxvision.models import layers
-
+    """The CPU max pool and the pools of shifted views (the CPU backend's and the ONNX export's)."""
     x = jax.random.normal(jax.random.key(0), (2, 9, 7, 3))
-    np.testing.assert_array_equal(layers.max_pool(x, window, stride, padding),
-                                  nn.max_pool(x, window, strides=stride, padding=padding))
+    views = Ops(pool_by_views=True)
+    for ours in (layers.max_pool, views.max_pool):
+        np.testing.assert_array_equal(ours(x, window, stride, padding),
+                                      nn.max_pool(x, window, strides=stride, padding=padding))
     for include in (True, False):
-        np.testing.assert_allclose(layers.avg_pool(x, window, stride, padding, count_include_pad=include),
+        np.testing.assert_allclose(views.avg_pool(x, window, stride, padding, count_include_pad=include),
                                    nn.avg_pool(x, window, strides=stride, padding=padding,
                                                count_include_pad=include), atol=1e-6)
 
@@ -237,14 +230,10 @@ def test_pools_match_flax(window, stride, padding):
 @pytest.mark.parametrize("window,stride,padding", [((3, 3), (2, 2), ((1, 1), (1, 1))), ((2, 2), (2, 2), ((0, 0), (0, 0)))])
 def test_max_pool_gradient_equals_autodiff_of_the_maximum(window, stride, padding):
     """Without ties (216 distinct integers, exact in bfloat16) the custom backward is exactly autodiff's."""
-    import functools
-
-    from jaxvision.models import layers
-
     for dtype in (jnp.float32, jnp.bfloat16):
         x = jax.random.permutation(jax.random.key(0), jnp.arange(9 * 8 * 3)).reshape(1, 9, 8, 3).astype(dtype)
         g = jax.random.normal(jax.random.key(1), layers.max_pool(x, window, stride, padding).shape, dtype)
-        views = lambda x: [v for _, _, v in conv.windows(x, window, stride, padding, fill=-jnp.inf)]
+        views = lambda x: [v for _, _, v in windows(x, window, stride, padding, fill=-jnp.inf)]
         chain = lambda x: functools.reduce(jnp.maximum, views(x))
         ours = jax.vjp(lambda x: layers.max_pool(x, window, stride, padding), x)[1](g)[0]
         np.testing.assert_array_equal(ours, jax.vjp(chain, x)[1](g)[0])
@@ -253,8 +242,6 @@ def test_max_pool_gradient_equals_autodiff_of_the_maximum(window, stride, paddin
 def test_bfloat16_max_pool_gradient_is_summed_in_float32_and_rounded_once():
     """The input at (1, 1) is the maximum of all four overlapping windows: 1 + 3 x 0.003 rounds to
     1.0078 in bfloat16 once, but to 1.0 when each add is rounded, as bfloat16 arithmetic does."""
-    from jaxvision.models import layers
-
     x = jnp.zeros((1, 4, 4, 1), jnp.bfloat16).at[0, 1, 1, 0].set(1.0)
     g = jnp.array([1.0, 0.003, 0.003, 0.003], jnp.bfloat16).reshape(1, 2, 2, 1)
     pool = lambda x: layers.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))  # noqa: E731
@@ -267,8 +254,6 @@ def test_bfloat16_max_pool_gradient_is_summed_in_float32_and_rounded_once():
 
 
 def test_max_pool_gradient_goes_to_the_first_maximum_as_in_pytorch():
-    from jaxvision.models import layers
-
     x = jnp.zeros((1, 3, 4, 1)).at[0, 2, 3, 0].set(-1.0)
     dx = jax.grad(lambda x: layers.max_pool(x, (3, 3), (1, 1)).sum())(x)
     np.testing.assert_array_equal(dx[0, :, :, 0], [[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
