@@ -18,7 +18,7 @@ Threads: both frameworks use every core (`--threads` to change torch's). Sharing
 they disturb each other through torch's OpenMP wait policy: spinning threads (ACTIVE) steal the
 cores from XLA's next call (jaxvision ResNet-50 training 1.83 img/s against 2.83 with PASSIVE),
 sleeping ones (PASSIVE) slow torch's many small kernels (timm efficientnet_b0 inference 72 -> 50
-img/s). The script leaves OMP_WAIT_POLICY as it finds it; README and PERF.md quote both runs.
+img/s). The script leaves OMP_WAIT_POLICY as it finds it; README and docs/performance.md quote both runs.
 `--isolate` removes the interference instead: each framework runs in its own worker process, the
 parent hands the turn from one to the other with a pause (`--pause`, 1 s) for torch's OpenMP
 threads to go to sleep, and no framework ever runs while the other holds the cores. Each turn

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from jaxvision.config import load
+from jaxvision import trained
 from jaxvision.deploy import export, modes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +34,8 @@ def main():
     config.model.kwargs.width = args.width
     config.calibrate.ood_dataset = "digits"
     cal = modes.calibrate(config, args.workdir)
-    s, variables, shardings, _, _ = modes._trained(config, args.workdir, evaluate=True)
+    t = trained.load(config, args.workdir, evaluate=True)
+    s, variables, shardings = t.setup, t.variables, t.shardings
     logits, labels = modes._split_logits(s, modes._logits_fn(s, shardings), variables, s.eval_source,
                                          "in-process logits")
     raw = np.stack([s.eval_source[i]["image"] for i in range(len(s.eval_source))])

@@ -56,7 +56,7 @@ def step_rate(config, steps: int = 20) -> float:
     init, shapes, shardings = s.abstract_state(tx)
     state = jax.jit(init, out_shardings=shardings)()
     step = loop.jit_train_step(s, tx, shapes, shardings)
-    host = pipeline.train_batches(s.train_source, loop._train_transform(s), batch_size=config.batch_size, seed=0)
+    host = pipeline.train_batches(s.train_source, loop.train_transform(s), batch_size=config.batch_size, seed=0)
     batches = [pipeline.to_global(next(host), s.mesh) for _ in range(4)]
     state, m = step(state, batches[0], None)
     jax.block_until_ready(m)

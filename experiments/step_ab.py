@@ -39,7 +39,6 @@ import statistics
 import unittest.mock
 
 import flax.linen as nn
-import jax
 from bench import JaxBench, timed
 from jax import lax
 

@@ -46,7 +46,8 @@ def base() -> ml_collections.ConfigDict:
     c.run_steps = 0  # > 0: stop with a checkpoint after this many steps of this invocation
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.name = "sgd"  # sgd | adamw | lamb | lars | adafactor
+    c.optim.name = "sgd"  # any optax optimizer: sgd | adamw | lamb | lars | adafactor | lion | ...
+    c.optim.kwargs = ml_collections.ConfigDict()  # further arguments of that optax optimizer
     c.optim.lr = 0.1
     c.optim.schedule = "cosine"  # cosine | linear | step | constant
     c.optim.warmup_steps = 0
@@ -141,3 +142,106 @@ def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
+
+
+def _num(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def check(c) -> None:
+    """Every field's range and choices, before anything is built: the first bad value raises a
+    UserError of one line that names the field and what it may be. Batches against the mesh are
+    `mesh.check_batch`'s, which `train` runs next, before any data is read."""
+    import math
+    import re
+
+    from jaxvision import backends
+    from jaxvision.data import augment, mix, transforms
+    from jaxvision.errors import UserError
+    from jaxvision.train import losses, optim
+
+    def get(path):
+        value = c
+        for key in path.split("."):
+            value = value[key]
+        return value
+
+    def fail(path, allowed):
+        raise UserError(f"config.{path} must be {allowed}, not {get(path)!r}")
+
+    def number(path, low=None, high=None, *, low_open=False, high_open=False, integer=False):
+        value = get(path)
+        x = _num(value)
+        bad = (x is None or not math.isfinite(x) or isinstance(value, bool)
+               or (integer and x != int(x))
+               or (low is not None and (x < low or (low_open and x == low)))
+               or (high is not None and (x > high or (high_open and x == high))))
+        if bad:
+            kind = "an integer" if integer else "a finite number"
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+            hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+            fail(path, f"{kind} {' and '.join(filter(None, (lo, hi)))}".strip())
+
+    def choice(path, options):
+        if get(path) not in options:
+            fail(path, "one of " + ", ".join(map(str, options)))
+
+    for path in ("seed", "model.num_classes", "data.image_size", "data.workers", "eval_batch_size",
+                 "num_steps", "run_steps", "optim.warmup_steps", "eval_every", "checkpoint_every",
+                 "fsdp_min_size", "log_every"):
+        number(path, 0, integer=True)
+    for path in ("batch_size", "keep_checkpoints", "optim.accumulate", "data.threads", "predict.top_k"):
+        number(path, 1, integer=True)
+    choice("model.dtype", ("float32", "bfloat16"))
+    backends.check_backend(c.backend)
+    choice("data.augment", transforms.AUGMENTATIONS)
+    choice("data.remode", augment.ERASE_MODES)
+    choice("data.sampling", ("uniform", "balanced"))
+    number("data.val_fraction", 0, 1, high_open=True)
+    number("data.crop_pct", 0, 1)
+    number("data.reprob", 0, 1)
+    scale = tuple(c.data.rrc_scale)
+    if len(scale) != 2 or not all(_num(s) is not None for s in scale) or not 0 < scale[0] <= scale[1] <= 1:
+        fail("data.rrc_scale", "(min, max) with 0 < min <= max <= 1")
+    if c.data.randaugment:
+        augment.RandAugment.parse(c.data.randaugment)
+    if not c.num_steps:
+        number("num_epochs", 0, low_open=True)
+    o = "optim"
+    optim.by_name(c.optim, 0.1)  # an optax optimizer that takes these arguments
+    choice(f"{o}.schedule", optim.SCHEDULES)
+    number(f"{o}.lr", 0)
+    number(f"{o}.min_lr_ratio", 0, 1)
+    number(f"{o}.step_factor", 0)
+    number(f"{o}.momentum", 0, 1, high_open=True)
+    number(f"{o}.b1", 0, 1, high_open=True)
+    number(f"{o}.b2", 0, 1, high_open=True)
+    number(f"{o}.weight_decay", 0)
+    number(f"{o}.grad_clip", 0)
+    number(f"{o}.layer_decay", 0, 1)
+    for path in (f"{o}.trainable", f"{o}.frozen"):
+        try:
+            re.compile(get(path))
+        except re.error as e:
+            fail(path, f"a regular expression ({e})")
+    number("ema.decay", 0, 1, high_open=True)
+    for path in ("mix.mixup_alpha", "mix.cutmix_alpha"):
+        number(path, 0)
+    number("mix.prob", 0, 1)
+    number("mix.switch_prob", 0, 1)
+    choice("mix.mode", mix.MODES)
+    choice("loss.name", losses.LOSSES)
+    number("loss.label_smoothing", 0, 1, high_open=True)
+    number("loss.focal_gamma", 0)
+    number("distill.temperature", 0, low_open=True)
+    number("distill.w_task", 0)
+    number("distill.w_kd", 0)
+    for axes in ("mesh", "mesh_dcn"):
+        for axis, size in get(axes).items():
+            if _num(size) is None or (int(size) != -1 and int(size) < 1):
+                fail(f"{axes}.{axis}", "a positive size or -1 (the devices left)")
+    choice("distributed", ("auto", "true", "false"))
+    number("calibrate.accept", 0, 1, low_open=True, high_open=True)

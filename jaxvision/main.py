@@ -11,8 +11,6 @@ overridden: ``--config.optim.lr=0.05``.
 
 from __future__ import annotations
 
-import os
-import re
 import sys
 
 from absl import app, flags, logging
@@ -36,11 +34,14 @@ def main(argv):
         raise app.UsageError(f"--workdir is required for --mode={_MODE.value}")
     if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv):
         logging.set_verbosity(logging.WARNING)  # library INFO chatter (orbax, grain) off by default
+    from jaxvision import config as config_lib
+    from jaxvision.backends.cpu import hostmem
     from jaxvision.parallel import distributed
-    distributed.initialize(config)
-
     from jaxvision.train import loop
     try:
+        config_lib.check(config)  # every bad value is one line here, before anything is built
+        hostmem.relaunch()  # CPU runs only: an allocator that keeps XLA:CPU's step memory mapped
+        distributed.initialize(config)
         if _MODE.value == "plan":
             print(loop.plan(config, _WORKDIR.value))
         elif _MODE.value == "eval":
@@ -49,31 +50,47 @@ def main(argv):
             from jaxvision.deploy import modes
             getattr(modes, _MODE.value)(config, _WORKDIR.value)
         else:
-            os.makedirs(_WORKDIR.value, exist_ok=True)
             loop.train(config, _WORKDIR.value)
     except UserError as e:
         logging.debug("user error", exc_info=True)
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)
 
 
 def parse_flags(argv):
-    """absl's parser, with an unknown `--config.<field>` reported as such instead of a traceback."""
+    """absl's parser, with a bad flag or `--config.<field>` reported in one line, not a traceback."""
     try:
         return flags.FLAGS(argv)
-    except (AttributeError, KeyError) as e:
-        text = str(e.args[0] if e.args else e).replace("\\n", "\n").replace("\\'", "'")
-        found = re.search(r"'([A-Za-z0-9_]+)'", text)
-        key = found.group(1) if found else text
-        hint = re.search(r"Did you mean[^?]*\?", text)
-        offending = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a]
-        print(f"error: {', '.join(offending) or key}: the config has no field {key!r}. "
-              f"{hint.group(0) + ' ' if hint else ''}Every field is listed in jaxvision/config.py.",
-              file=sys.stderr)
+    except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+        text = str(e.args[0] if e.args else e).strip()
+        print(f"error: {_unknown_field(argv) or (text.splitlines() or ['bad flags'])[0]}", file=sys.stderr)
         sys.exit(2)
 
 
+def _unknown_field(argv) -> str | None:
+    """The first `--config.<path>` override naming a field the recipe's config does not have."""
+    from ml_collections import ConfigDict
+
+    from jaxvision import config as config_lib
+
+    recipe = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if recipe is None and "--config" in argv[:-1]:
+        recipe = argv[argv.index("--config") + 1]
+    try:
+        path, _, arg = recipe.partition(":")
+        config = config_lib.load(path, arg or None)
+    except Exception:  # noqa: BLE001  (the parser's own message says what is wrong with the file)
+        return None
+    for flag in (a for a in argv if a.startswith("--config.")):
+        node, seen = config, []
+        for part in flag[len("--config."):].split("=", 1)[0].split("."):
+            if not isinstance(node, ConfigDict) or part not in node:
+                where = f" in config.{'.'.join(seen)}" if seen else ""
+                return (f"{flag.split('=', 1)[0]}: the config has no field {part!r}{where}. Every field is "
+                        "listed in jaxvision/config.py")
+            node, seen = node[part], seen + [part]
+    return None
+
+
 if __name__ == "__main__":
-    from jaxvision.backends.cpu import hostmem
-    hostmem.relaunch()  # CPU runs only: an allocator that keeps XLA:CPU's step memory mapped
     app.run(main, flags_parser=parse_flags)

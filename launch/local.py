@@ -7,7 +7,8 @@ collectives through gloo) without a cluster.
 
 Each process gets `--devices` virtual CPU devices. Output lines are prefixed with the process
 index (process 0 alone logs metrics). Ctrl-C or SIGTERM is passed on to every process, which
-saves a checkpoint at the next step boundary and exits. Exit status: the first failure, else 0.
+saves a checkpoint at the next step boundary and exits. When one process fails, the others (which
+would wait on it forever) are stopped. Exit status: that of the first process to fail, else 0.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 
 def free_port() -> int:
@@ -27,22 +29,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--devices", type=int, default=4, help="virtual CPU devices per process")
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="-- then python -m jaxvision.main arguments")
-    opts = parser.parse_args(argv)
-    args = opts.args[1:] if opts.args[:1] == ["--"] else opts.args
-    address = f"127.0.0.1:{free_port()}"
-    procs = []
-    for rank in range(opts.processes):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": address,
-               "JAX_NUM_PROCESSES": str(opts.processes), "JAX_PROCESS_ID": str(rank),
-               "JAX_NUM_CPU_DEVICES": str(opts.devices),
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count={opts.devices}"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "jaxvision.main", *args], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+def run(commands: list[list[str]], envs: list[dict]) -> int:
+    """Run the commands together, their output prefixed with their index; when one fails, stop
+    the others. The exit status of the first to fail, else 0."""
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd, env in zip(commands, envs)]
 
     def relay(rank, proc):
         for line in proc.stdout:
@@ -58,12 +49,35 @@ def main(argv=None) -> int:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    codes = [p.wait() for p in procs]
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+    first_failure = 0
+    while [p.poll() for p in procs].count(None):
+        failed = [p.returncode for p in procs if p.returncode]
+        if failed and not first_failure:
+            first_failure = failed[0]
+            forward(signal.SIGTERM, None)
+        time.sleep(0.1)
     for t in threads:
         t.join()
-    return next((c for c in codes if c), 0)
+    return first_failure or next((p.returncode for p in procs if p.returncode), 0)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--devices", type=int, default=4, help="virtual CPU devices per process")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="-- then python -m jaxvision.main arguments")
+    opts = parser.parse_args(argv)
+    args = opts.args[1:] if opts.args[:1] == ["--"] else opts.args
+    address = f"127.0.0.1:{free_port()}"
+    envs = [{**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": address,
+             "JAX_NUM_PROCESSES": str(opts.processes), "JAX_PROCESS_ID": str(rank),
+             "JAX_NUM_CPU_DEVICES": str(opts.devices),
+             "XLA_FLAGS": f"--xla_force_host_platform_device_count={opts.devices}"}
+            for rank in range(opts.processes)]
+    return run([[sys.executable, "-m", "jaxvision.main", *args]] * opts.processes, envs)
 
 
 if __name__ == "__main__":

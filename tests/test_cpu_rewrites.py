@@ -105,7 +105,7 @@ def test_winograd_matches_lax_conv(m, shape):
 def test_winograd_block_size_follows_the_measured_wins():
     """F(4x4) on maps divisible by 4, F(2x2) on even ones (ResNet-50's 14x14 layer3), and the
     direct convolution on odd maps (7x7), with fewer tiles than channels, or below MIN_MACS
-    (experiments/PERF.md)."""
+    (docs/performance.md)."""
     assert winograd.block_size((16, 56, 56, 64), (3, 3, 64, 64)) == 4
     assert winograd.block_size((16, 14, 14, 256), (3, 3, 256, 256)) == 2
     assert winograd.block_size((16, 7, 7, 512), (3, 3, 512, 512)) is None

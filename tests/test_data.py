@@ -1,23 +1,11 @@
 """Sources, transforms and grain pipelines: determinism, resume slicing, padding, bad input."""
 
-import os
-
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image
 
 from jaxvision.data import pipeline, sources, transforms
-
-
-def make_folder(root, classes=("cat", "dog", "emu"), per_class=6, size=(20, 24)):
-    rng = np.random.RandomState(0)
-    for c in classes:
-        os.makedirs(root / c, exist_ok=True)
-        for i in range(per_class):
-            img = rng.randint(0, 255, size + (3,), dtype=np.uint8)
-            Image.fromarray(img).save(root / c / f"{i}.{'png' if i % 2 else 'jpg'}")
-    return root
+from tests.images import image_folder as make_folder
 
 
 def test_digits_split_is_fixed_and_disjoint():

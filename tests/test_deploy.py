@@ -1,18 +1,18 @@
-"""Deployment modes: calibration maths, and predict / calibrate / export end to end on real
-CIFAR-10 images (a 20-per-class subset of ../shared/data) with a tiny trained model."""
+"""Deployment modes: calibration maths, and predict / calibrate / export end to end on a folder
+of 32 px JPEGs in 10 classes (made by tests/images.py) with a tiny trained model."""
 
 import csv
 import json
 import os
-import tarfile
 
 import numpy as np
 import pytest
 
+from jaxvision import trained as trained_lib
 from jaxvision.deploy import calibration, export
-from tests.test_engine import ROOT, TINY, cli, configure, flags, load_config
-
-CIFAR_TAR = os.path.join(ROOT, "..", "shared", "data", "cifar10-train.tar.gz")
+from jaxvision.train import setup as setup_lib
+from tests.images import CLASSES, image_folder
+from tests.test_engine import TINY, cli, configure, flags, load_config
 
 
 def test_fitted_temperature_recovers_the_one_that_generated_the_labels():
@@ -50,38 +50,25 @@ def test_threshold_and_auroc():
 
 
 @pytest.fixture(scope="module")
-def cifar_subset(tmp_path_factory):
-    """20 real CIFAR-10 training JPEGs per class, as an image folder."""
-    if not os.path.exists(CIFAR_TAR):
-        pytest.skip(f"{CIFAR_TAR} not found (CI has ../shared beside the clone)")
-    root = tmp_path_factory.mktemp("cifar")
-    taken: dict = {}
-    with tarfile.open(CIFAR_TAR) as tar:
-        for member in tar:
-            parts = member.name.split("/")
-            if member.isfile() and len(parts) == 3 and taken.get(parts[1], 0) < 20:
-                taken[parts[1]] = taken.get(parts[1], 0) + 1
-                os.makedirs(root / parts[1], exist_ok=True)
-                (root / parts[1] / parts[2]).write_bytes(tar.extractfile(member).read())
-            if len(taken) == 10 and all(n == 20 for n in taken.values()):
-                break
-    return str(root)
+def image_dir(tmp_path_factory):
+    """20 JPEGs per class, 32 x 32 like CIFAR-10, as an image folder of 10 classes."""
+    return str(image_folder(tmp_path_factory.mktemp("images"), CLASSES, per_class=20, size=(32, 32), png_every=0))
 
 
 # 28 px crops of the 32 px images at crop_pct 0.875: no resize, so export must match exactly.
-CIFAR_TINY = {**TINY, "data.image_size": 28, "data.crop_pct": 0.875, "data.val_fraction": 0.3,
+JPEG_TINY = {**TINY, "data.image_size": 28, "data.crop_pct": 0.875, "data.val_fraction": 0.3,
               "batch_size": 16, "eval_batch_size": 16, "data.augment": "pad_crop_flip"}
 
 
 @pytest.fixture(scope="module")
-def trained(cifar_subset, tmp_path_factory):
+def trained(image_dir, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("trained"))
-    overrides = {**CIFAR_TINY, "data.dataset": f"folder:{cifar_subset}", "data.eval_split": "val"}
+    overrides = {**JPEG_TINY, "data.dataset": f"folder:{image_dir}", "data.eval_split": "val"}
     cli("--config", "configs/default.py", "--workdir", workdir, *flags(overrides))
     return workdir, overrides
 
 
-def test_calibrate_writes_temperature_threshold_and_diagram(trained, cifar_subset):
+def test_calibrate_writes_temperature_threshold_and_diagram(trained, image_dir):
     from jaxvision.data.sources import FolderSource
 
     workdir, overrides = trained
@@ -89,26 +76,26 @@ def test_calibrate_writes_temperature_threshold_and_diagram(trained, cifar_subse
               *flags({**overrides, "calibrate.ood_dataset": "digits", "calibrate.accept": 0.9}))
     result = json.load(open(os.path.join(workdir, "calibration.json")))
     assert result["nll_after"] <= result["nll_before"] + 1e-9  # T = 1 is inside the search
-    assert result["validation_images"] == len(FolderSource(cifar_subset, "val", 0.3)) and result["ood_dataset"] == "digits"
+    assert result["validation_images"] == len(FolderSource(image_dir, "val", 0.3)) and result["ood_dataset"] == "digits"
     assert 0 <= result["auroc_msp"] <= 1 and 0 <= result["ood_rejected"] <= 1
     assert os.path.getsize(os.path.join(workdir, "reliability.png")) > 10_000
     assert "ece_after" in out.stdout
 
 
-def test_predict_table_csv_and_unreadable_file(trained, cifar_subset, tmp_path):
+def test_predict_table_csv_and_unreadable_file(trained, image_dir, tmp_path):
     workdir, overrides = trained
     inputs = tmp_path / "inputs"
     inputs.mkdir()
-    for cls in ("cat", "ship"):
-        name = sorted(os.listdir(os.path.join(cifar_subset, cls)))[0]
-        (inputs / f"{cls}.jpg").write_bytes(open(os.path.join(cifar_subset, cls, name), "rb").read())
+    for cls in ("cat", "owl"):
+        name = sorted(os.listdir(os.path.join(image_dir, cls)))[0]
+        (inputs / f"{cls}.jpg").write_bytes(open(os.path.join(image_dir, cls, name), "rb").read())
     (inputs / "broken.jpg").write_bytes(b"not an image")
     out = cli("--config", "configs/default.py", "--workdir", workdir, "--mode", "predict",
               *flags({**overrides, "predict.inputs": str(inputs), "predict.top_k": 3}))
     rows = list(csv.DictReader(open(os.path.join(workdir, "predictions.csv"))))
-    assert [os.path.basename(r["path"]) for r in rows] == ["broken.jpg", "cat.jpg", "ship.jpg"]
+    assert [os.path.basename(r["path"]) for r in rows] == ["broken.jpg", "cat.jpg", "owl.jpg"]
     assert rows[0]["error"] == "unreadable image"
-    classes = sorted(os.listdir(cifar_subset))
+    classes = sorted(os.listdir(image_dir))
     for r in rows[1:]:
         probs = [float(r[f"prob_{k}"]) for k in (1, 2, 3)]
         assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
@@ -117,15 +104,14 @@ def test_predict_table_csv_and_unreadable_file(trained, cifar_subset, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["stablehlo", "onnx"])
-def test_export_reproduces_the_model_on_real_images(fmt, trained, cifar_subset):
+def test_export_reproduces_the_model_on_jpegs(fmt, trained, image_dir):
     """StableHLO through jax, ONNX through onnxruntime: raw JPEG pixels in, the model's logits out."""
     import jax
 
     if fmt == "onnx":
         pytest.importorskip("jax2onnx", reason="the deploy extra is not installed")
         pytest.importorskip("onnxruntime", reason="the deploy extra is not installed")
-    from jaxvision.deploy import modes
-    from jaxvision.train import loop, step as step_lib
+    from jaxvision.train import step as step_lib
 
     workdir, overrides = trained
     cli("--config", "configs/default.py", "--workdir", workdir, "--mode", "export",
@@ -137,9 +123,10 @@ def test_export_reproduces_the_model_on_real_images(fmt, trained, cifar_subset):
     serve = export.load(os.path.join(workdir, "export", f"model.{fmt}"))
 
     config = configure(load_config("default"), overrides)
-    s, variables, _, _, _ = modes._trained(config, workdir, evaluate=True)
-    images = np.stack([s.eval_source[i]["image"] for i in range(7)])  # real 32 px JPEGs
-    transform = loop.eval_transform(s)
+    t = trained_lib.load(config, workdir, evaluate=True)
+    s, variables, _ = t.setup, t.variables, t.shardings
+    images = np.stack([s.eval_source[i]["image"] for i in range(7)])  # decoded 32 px JPEGs
+    transform = setup_lib.eval_transform(s)
     host = np.stack([transform({"image": im, "label": 0})["image"] for im in images])
     want = np.asarray(s.model.apply(jax.device_get(variables), step_lib.normalize(host, s.card.mean, s.card.std)))
     for batch in (1, 7):  # the batch dimension is symbolic
@@ -147,15 +134,15 @@ def test_export_reproduces_the_model_on_real_images(fmt, trained, cifar_subset):
         assert np.max(np.abs(got - want[:batch])) / np.max(np.abs(want)) < 1e-4
 
 
-def test_in_graph_resize_agrees_with_the_host_pipeline(cifar_subset):
+def test_in_graph_resize_agrees_with_the_host_pipeline(image_dir):
     """When the artifact must resize (here 32 -> 27 px, antialiased bicubic), its pixels differ from
     PIL's by a fraction of a grey level on average."""
     from PIL import Image
 
     from jaxvision.data import transforms
 
-    files = [os.path.join(cifar_subset, c, f) for c in sorted(os.listdir(cifar_subset))
-             for f in sorted(os.listdir(os.path.join(cifar_subset, c)))[:3]]
+    files = [os.path.join(image_dir, c, f) for c in sorted(os.listdir(image_dir))
+             for f in sorted(os.listdir(os.path.join(image_dir, c)))[:3]]
     images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
     host = np.stack([transforms.center_crop(im, 24, 0.875, "bicubic") for im in images]).astype(np.float32)
     ours = 255 * np.asarray(export.preprocess(images, size=24, crop_pct=0.875, interpolation="bicubic",
@@ -164,7 +151,7 @@ def test_in_graph_resize_agrees_with_the_host_pipeline(cifar_subset):
     assert np.mean(np.abs(ours - host)) < 0.5
 
 
-def test_bad_input_gets_a_clear_error(trained, cifar_subset, tmp_path):
+def test_bad_input_gets_a_clear_error(trained, image_dir, tmp_path):
     workdir, overrides = trained
     base = ["--config", "configs/default.py", "--workdir", workdir]
     empty = cli(*base, "--mode", "predict", *flags({**overrides, "predict.inputs": str(tmp_path)}), check=False)
@@ -176,7 +163,7 @@ def test_bad_input_gets_a_clear_error(trained, cifar_subset, tmp_path):
     other = cli(*base, "--mode", "export", *flags({**overrides, "model.kwargs.width": 16}), check=False)
     assert other.returncode == 2 and "error:" in other.stderr
     nothing = cli("--config", "configs/default.py", "--workdir", str(tmp_path / "none"), "--mode", "predict",
-                  *flags({**overrides, "predict.inputs": cifar_subset}), check=False)
+                  *flags({**overrides, "predict.inputs": image_dir}), check=False)
     assert nothing.returncode == 2 and "no checkpoint" in nothing.stderr
 
 
@@ -227,10 +214,10 @@ def test_gradcam_finds_the_last_feature_map_of_other_families_and_refuses_vit():
         explain.target_layer(vit, variables, (224, 224, 3))
 
 
-def test_explain_mode_writes_overlays(trained, cifar_subset, tmp_path):
+def test_explain_mode_writes_overlays(trained, image_dir, tmp_path):
     workdir, overrides = trained
-    cat = sorted(os.listdir(os.path.join(cifar_subset, "cat")))[0]
-    (tmp_path / "cat.jpg").write_bytes(open(os.path.join(cifar_subset, "cat", cat), "rb").read())
+    cat = sorted(os.listdir(os.path.join(image_dir, "cat")))[0]
+    (tmp_path / "cat.jpg").write_bytes(open(os.path.join(image_dir, "cat", cat), "rb").read())
     out = cli("--config", "configs/default.py", "--workdir", workdir, "--mode", "explain",
               *flags({**overrides, "predict.inputs": str(tmp_path)}))
     assert os.path.getsize(os.path.join(workdir, "explain", "cat.png")) > 5_000
@@ -284,7 +271,7 @@ def test_rollout_follows_attention_to_the_attended_patch():
     assert heat[1, 0] == pytest.approx(1) and np.all(np.delete(heat.ravel(), 2) < 1)
 
 
-def test_int8_quantization_and_its_export(trained, cifar_subset):
+def test_int8_quantization_and_its_export(trained, image_dir):
     """`--mode quantize` measures float32 and int8 on the validation split; the int8 export keeps
     int8 weights (a smaller artifact) and reproduces the in-process int8 model."""
     import jax
@@ -298,7 +285,7 @@ def test_int8_quantization_and_its_export(trained, cifar_subset):
     result = json.load(open(os.path.join(workdir, "quantize.json")))
     from jaxvision.data.sources import FolderSource
 
-    assert result["images"] == len(FolderSource(cifar_subset, "val", 0.3)) and 0 <= result["top1_int8"] <= 1
+    assert result["images"] == len(FolderSource(image_dir, "val", 0.3)) and 0 <= result["top1_int8"] <= 1
     assert result["agreement"] >= 0.9 and 0.25 < result["size_ratio"] < 0.35
     cli("--config", "configs/default.py", "--workdir", workdir, "--mode", "export",
         *flags({**overrides, "export.quantize": "int8"}))
@@ -308,7 +295,8 @@ def test_int8_quantization_and_its_export(trained, cifar_subset):
     assert os.path.getsize(os.path.join(out, "model_int8.stablehlo")) < 0.5 * float_bytes
 
     config = configure(load_config("default"), overrides)
-    s, variables, _, _, _ = modes._trained(config, workdir, evaluate=True)
+    t = trained_lib.load(config, workdir, evaluate=True)
+    s, variables, _ = t.setup, t.variables, t.shardings
     apply, qvariables = modes._quantized(s, variables, "int8")
     images = np.stack([s.eval_source[i]["image"] for i in range(5)])
     meta = dict(size=28, crop_pct=0.875, interpolation=s.config.data.interpolation or s.card.interpolation,

@@ -1,6 +1,7 @@
 """The training recipe: optimizers, layer-wise decay, masks, freezing, EMA, losses, sampling,
 per-class metrics, RandAugment / Random Erasing."""
 
+import json
 import os
 
 import jax
@@ -213,3 +214,15 @@ def test_randaugment_and_random_erasing():
     assert changed.sum() == (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)  # one box
     t = transforms.TrainTransform(24, "rrc_flip", randaugment="rand-m9-mstd0.5", reprob=0.25)
     assert t({"image": img, "label": 1}, rng)["image"].shape == (24, 24, 3)
+
+
+def test_the_logged_learning_rate_is_the_optimizer_steps_with_accumulation(tmp_path):
+    """With `accumulate=2` the schedule runs over optimizer steps; the lr logged at micro-step k is
+    the schedule's at optimizer step k // 2 (it was read at k, running the schedule twice as fast)."""
+    config = tiny(num_steps=8, log_every=1, **{"optim.accumulate": 2, "optim.schedule": "linear",
+                                               "optim.warmup_steps": 0})
+    loop.train(config, str(tmp_path))
+    logged = {r["step"]: r["lr"] for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "lr" in r}
+    lr = optim.schedule(config.optim, 8 // 2)
+    assert logged == pytest.approx({k: float(lr(k // 2)) for k in range(1, 9)})
+    assert logged[6] > 0  # read at the micro-step, the linear schedule had reached 0 by step 4

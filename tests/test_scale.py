@@ -4,6 +4,7 @@ meshes and device counts; SIGTERM at a step boundary."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -60,9 +61,9 @@ def test_two_processes_match_one_process(case, overrides, dp_reference, tmp_path
 def test_tensor_and_fsdp_sharding_shrink_per_device_bytes(capsys):
     def per_device(**mesh):
         text = loop.plan(vit(mesh={"data": 1, "fsdp": 1, "tensor": 1, **mesh}, fsdp_min_size=1024), lower=False)
-        total = next(line for line in text.splitlines() if line.startswith("total")).split()
-        print(text.splitlines()[1], "->", total[-1], "MiB per device of", total[-2])
-        return float(total[-1]), float(total[-2])
+        whole, device = re.search(r"total: \d+ arrays, ([0-9.]+) MiB, ([0-9.]+) MiB per device", text).groups()
+        print(text.splitlines()[1], "->", device, "MiB per device of", whole)
+        return float(device), float(whole)
     dp, whole = per_device(data=8)
     tp, _ = per_device(data=2, tensor=4)
     fsdp, _ = per_device(data=1, fsdp=8)

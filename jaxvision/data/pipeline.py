@@ -24,11 +24,6 @@ from jaxvision.data.sources import Source, labels_of
 from jaxvision.parallel.mesh import batch_sharding
 
 
-def _shard(source: Source) -> grain.MapDataset:
-    ds = grain.MapDataset.source(source)
-    return ds[jax.process_index()::jax.process_count()]
-
-
 def _read(ds: grain.MapDataset, threads: int, workers: int) -> grain.IterDataset:
     out = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * max(threads, 1)))
     if workers > 0:
@@ -77,24 +72,43 @@ def num_eval_batches(num_examples: int, batch_size: int) -> int:
     return math.ceil(math.ceil(num_examples / jax.process_count()) / batch_size)
 
 
+class _EvalExample:
+    """The transformed example at an index, or, for an unreadable image, a blank one with
+    `valid` 0 that the batch's mask leaves out (never another image in its place)."""
+
+    def __init__(self, source: Source, transform):
+        self.source, self.transform = source, transform
+
+    def __call__(self, index: int) -> dict:
+        example = self.source.load(index)
+        if example is None:
+            size = self.transform.size
+            return {"image": np.zeros((size, size, 3), np.uint8), "label": 0, "valid": False}
+        return {**self.transform(example), "valid": True}
+
+
 def eval_batches(source: Source, transform, *, batch_size: int, threads: int = 4) -> Iterator[dict]:
     """This process's share of the whole split, in order, each batch padded to `batch_size` with a
-    `mask` marking real examples; every process yields the same number of batches."""
-    ds = _shard(source).map(transform).batch(batch_size, drop_remainder=False)
+    `mask` marking real, readable examples; every process yields the same number of batches."""
+    ds = grain.MapDataset.range(len(source))[jax.process_index()::jax.process_count()]
+    ds = ds.map(_EvalExample(source, transform)).batch(batch_size, drop_remainder=False)
     template = None
     count = 0
     for batch in _read(ds, threads, 0):
-        n = len(batch["label"])
         template = batch
-        yield pad_batch(batch, batch_size, n)
+        yield pad_batch(batch, batch_size, len(batch["label"]))
         count += 1
     for _ in range(num_eval_batches(len(source), batch_size) - count):
         yield pad_batch({k: v[:0] for k, v in template.items()}, batch_size, 0)
 
 
-def pad_batch(batch: dict, size: int, valid: int) -> dict:
-    out = {k: np.concatenate([v, np.zeros((size - len(v),) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
-    out["mask"] = (np.arange(size) < valid).astype(np.float32)
+def pad_batch(batch: dict, size: int, real: int) -> dict:
+    """`batch` padded with zeros to `size`, its `mask` 1 for the first `real` examples that are
+    `valid` (all of them when the batch has no `valid`)."""
+    valid = batch.get("valid", np.ones(len(batch["label"]), bool))
+    out = {k: np.concatenate([v, np.zeros((size - len(v),) + v.shape[1:], v.dtype)])
+           for k, v in batch.items() if k != "valid"}
+    out["mask"] = ((np.arange(size) < real) & np.pad(np.asarray(valid, bool), (0, size - len(valid)))).astype(np.float32)
     return out
 
 

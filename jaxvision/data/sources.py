@@ -1,9 +1,11 @@
 """Random-access data sources for grain: the bundled digits, an image folder, TFDS ArrayRecord.
 
 A source yields ``{"image": uint8 (H, W, 3), "label": int}`` by index. Sources that decode files
-report an unreadable image once, with its path, and serve the next readable one in its place, so
-one corrupt JPEG in a million never stops a run (nor crashes inside a grain worker) and batches
-keep their size, which keeps the data order a pure function of the step for exact resume.
+report an unreadable image once per process, with its path. For training, `source[i]` serves the
+next readable image in its place, so one corrupt JPEG in a million never stops a run (nor crashes
+inside a grain worker) and batches keep their size, which keeps the data order a pure function of
+the step for exact resume. Evaluation reads `source.load(i)`, which is None for an unreadable
+image: it is left out of every metric, never replaced.
 
 Dataset names: ``digits``, ``folder:/path/to/root`` (one subfolder per class), ``tfds:NAME``.
 """
@@ -46,8 +48,18 @@ def read_image(path: str) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
+_warned: set = set()  # what this process has warned about already
+
+
+def warn_once(key, message: str, *args) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logging.warning(message, *args)
+
+
 class Source:
-    """Base: `__getitem__` with corrupt-element fallback; subclasses implement `_load`."""
+    """Base: `load` (None for an unreadable element) and `__getitem__` (the next readable one in
+    its place); subclasses implement `_load`."""
 
     class_names: Sequence[str]
 
@@ -64,15 +76,20 @@ class Source:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def load(self, index: int) -> dict | None:
+        try:
+            return self._load(index)
+        except Exception as e:  # noqa: BLE001  (any decode failure means: skip this one)
+            where = self._describe(index)
+            warn_once(("unreadable", where), "skipping unreadable image %s: %s: %s", where, type(e).__name__, e)
+            return None
+
     def __getitem__(self, index: int) -> dict:
         n = len(self)
         for attempt in range(min(n, 100)):
-            i = (index + attempt) % n
-            try:
-                return self._load(i)
-            except Exception as e:  # noqa: BLE001  (any decode failure means: skip this one)
-                logging.warning("skipping unreadable image %s: %s: %s",
-                                self._describe(i), type(e).__name__, e)
+            example = self.load((index + attempt) % n)
+            if example is not None:
+                return example
         raise DataError(f"100 consecutive unreadable images from {self._describe(index)} on; "
                         "is this really an image dataset?")
 
@@ -112,6 +129,29 @@ def _in_validation(relative_path: str, fraction: float) -> bool:
     return h / 2 ** 32 < fraction
 
 
+class _Layout:
+    """What a folder scan found besides the images it reads, to warn about once each."""
+
+    def __init__(self):
+        self.counts, self.nested, self.other = {}, 0, []
+
+    def warn(self, root: str, classes: list[str]) -> None:
+        empty = [c for c in classes if not self.counts.get(c)]
+        if empty:
+            warn_once((root, "empty"), "%s: %d class folder(s) without images, which still count as classes: %s",
+                      root, len(empty), ", ".join(empty[:10]))
+        if len(classes) == 1:
+            warn_once((root, "single"), "%s has a single class folder (%s): every image has the same label, so "
+                      "accuracy is trivially 100%%; expected %s/<class>/<image> with one folder per class",
+                      root, classes[0], root)
+        if self.nested:
+            warn_once((root, "nested"), "%s: %d images in subfolders of class folders are ignored (only "
+                      "<class>/<image> is read)", root, self.nested)
+        if self.other:
+            warn_once((root, "other"), "%s: %d files that are not images (%s) are ignored, e.g. %s", root,
+                      len(self.other), ", ".join(IMAGE_SUFFIXES), ", ".join(self.other[:3]))
+
+
 class FolderSource(Source):
     """``root/<class>/<image>``: classes are the sorted subfolder names."""
 
@@ -127,15 +167,21 @@ class FolderSource(Source):
         self.class_names = sorted(e.name for e in os.scandir(root) if e.is_dir())
         if not self.class_names:
             raise DataError(f"{root} has no class subfolders; expected {root}/<class>/<image>")
-        files, labels = [], []
+        files, labels, layout = [], [], _Layout()
         for label, name in enumerate(self.class_names):
             for entry in sorted(os.scandir(os.path.join(root, name)), key=lambda e: e.name):
-                if not entry.name.lower().endswith(IMAGE_SUFFIXES):
+                if entry.is_dir():
+                    layout.nested += sum(f.lower().endswith(IMAGE_SUFFIXES) for _, _, fs in os.walk(entry.path) for f in fs)
                     continue
+                if not entry.name.lower().endswith(IMAGE_SUFFIXES):
+                    layout.other.append(f"{name}/{entry.name}")
+                    continue
+                layout.counts[name] = layout.counts.get(name, 0) + 1
                 rel = f"{name}/{entry.name}"
                 if split == "all" or (split == "val") == _in_validation(rel, val_fraction):
                     files.append(rel)
                     labels.append(label)
+        layout.warn(root, self.class_names)
         if not files:
             raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) for split {split!r} under {root}")
         self.files, self.labels = files, np.asarray(labels, np.int64)

@@ -12,34 +12,15 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxvision import backends
+from jaxvision import backends, trained
 from jaxvision.data import pipeline
 from jaxvision.deploy import calibration, export as export_lib, predict as predict_lib, quantize as quantize_lib
 from jaxvision.errors import UserError
 from jaxvision.models.ops import PORTABLE
 from jaxvision.parallel import mesh as mesh_lib
-from jaxvision.train import evaluate as eval_lib, loop, step as step_lib
+from jaxvision.train import evaluate as eval_lib, step as step_lib
+from jaxvision.train.setup import eval_transform, open_source
 from jaxvision.train.writer import table
-
-def class_names(config, workdir: str) -> list[str]:
-    """From the workdir (written by training), else from the dataset the config names."""
-    path = os.path.join(workdir, loop.CLASSES_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    dataset = config.data.eval_dataset or config.data.dataset
-    return list(loop.open_source(config, dataset, config.data.eval_split).class_names)
-
-
-def _trained(config, workdir: str, *, evaluate: bool = False):
-    """(setup, variables, variable shardings, step, class names) of the trained model."""
-    names = class_names(config, workdir)
-    config = config.copy_and_resolve_references()
-    config.model.num_classes = config.model.num_classes or len(names)
-    s = loop.setup(config, train=False, evaluate=evaluate)
-    variables, shardings, step = loop.trained_variables(s, workdir)
-    return s, variables, shardings, step, names
-
 
 def _float_apply(s):
     return lambda variables, images: s.model.apply(variables, images, train=False)
@@ -64,7 +45,7 @@ def _logits_fn(s, variable_shardings, apply=None):
 
 def _split_logits(s, fn, variables, source, desc: str):
     c = s.config
-    return eval_lib.collect_logits(fn, variables, source, loop.eval_transform(s), s.mesh,
+    return eval_lib.collect_logits(fn, variables, source, eval_transform(s), s.mesh,
                                    c.eval_batch_size or c.batch_size, c.data.threads, desc)
 
 
@@ -76,12 +57,13 @@ def calibrate(config, workdir: str) -> dict:
         raise UserError(f"config.calibrate.accept must be a fraction in (0, 1), not {c.accept}")
     if c.score not in calibration.SCORES:
         raise UserError(f"config.calibrate.score must be one of {', '.join(calibration.SCORES)}")
-    s, variables, shardings, step, _ = _trained(config, workdir, evaluate=True)
+    t = trained.load(config, workdir, evaluate=True)
+    s, variables, shardings, step, _ = t.setup, t.variables, t.shardings, t.step, t.class_names
     fn = _logits_fn(s, shardings)
     logits, labels = _split_logits(s, fn, variables, s.eval_source, "validation logits")
     ood = None
     if c.ood_dataset:
-        ood_source = loop.open_source(s.config, c.ood_dataset, c.ood_split)
+        ood_source = open_source(s.config, c.ood_dataset, c.ood_split)
         ood, _ = _split_logits(s, fn, variables, ood_source, f"OOD logits ({c.ood_dataset})")
     result = calibration.calibrate(logits, labels, accept=c.accept, score=c.score, ood_logits=ood)
     result.update(model=s.config.model.name, step=step, ood_dataset=c.ood_dataset or None)
@@ -110,7 +92,8 @@ def quantize(config, workdir: str) -> dict:
     weights' size; writes WORKDIR/quantize.json. Export the int8 model with
     `--mode export --config.export.quantize=int8`."""
     c = config.quantize
-    s, variables, shardings, step, _ = _trained(config, workdir, evaluate=True)
+    t = trained.load(config, workdir, evaluate=True)
+    s, variables, shardings, step, _ = t.setup, t.variables, t.shardings, t.step, t.class_names
     apply, qvariables = _quantized(s, variables, c.qtype)
     logits, labels = _split_logits(s, _logits_fn(s, shardings), variables, s.eval_source, "float32")
     qfn = _logits_fn(s, mesh_lib.replicated(s.mesh), apply)
@@ -141,9 +124,10 @@ def predict(config, workdir: str) -> list[dict]:
     if jax.process_count() > 1:
         raise UserError("predict runs on one host; launch it without jax.distributed")
     paths = predict_lib.list_inputs(config.predict.inputs)
-    s, variables, shardings, step, names = _trained(config, workdir)
+    t = trained.load(config, workdir)
+    s, variables, shardings, names = t.setup, t.variables, t.shardings, t.class_names
     fn = _logits_fn(s, shardings)
-    transform = loop.eval_transform(s)
+    transform = eval_transform(s)
     batch_size = config.eval_batch_size or config.batch_size
     mesh_lib.check_batch(batch_size, s.mesh)
     logits = np.zeros((len(paths), s.num_classes), np.float32)
@@ -182,7 +166,8 @@ def export(config, workdir: str) -> str:
     fmt = config.export.format
     export_lib.check_format(fmt, config.export.quantize)
     platforms = export_lib.check_platforms(config.export.platforms, fmt, config.export.cpu_rewrites)
-    s, variables, _, step, names = _trained(config, workdir)
+    t = trained.load(config, workdir)
+    s, variables, _, step, names = t.setup, t.variables, t.shardings, t.step, t.class_names
     variables = jax.device_get(variables)
     model = s.model.clone(ops=export_lib.export_ops(fmt, config.export.cpu_rewrites))
     apply = lambda v, x: model.apply(v, x, train=False)  # noqa: E731
@@ -228,7 +213,8 @@ def explain(config, workdir: str) -> list[str]:
     from jaxvision.models import vit
 
     paths = predict_lib.list_inputs(config.predict.inputs)
-    s, variables, _, _, names = _trained(config, workdir)
+    t = trained.load(config, workdir)
+    s, variables, _, _, names = t.setup, t.variables, t.shardings, t.step, t.class_names
     s = _portable(s)  # Grad-CAM and rollout intercept flax's own Conv, Dense and attention inputs
     variables = jax.device_get(variables)
     if isinstance(s.model, vit.VisionTransformer):
@@ -238,7 +224,7 @@ def explain(config, workdir: str) -> list[str]:
         method = f"Grad-CAM on {'/'.join(path)} {tuple(shape[1:])}"
         heatmap = functools.partial(explain_lib.gradcam, index=index)
     fn = jax.jit(lambda v, x: heatmap(s.model, v, step_lib.normalize(x, s.card.mean, s.card.std)))
-    transform = loop.eval_transform(s)
+    transform = eval_transform(s)
     out_dir = os.path.join(workdir, "explain")
     written = []
     for p in tqdm(paths, desc="explain", unit="image", dynamic_ncols=True):

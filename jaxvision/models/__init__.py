@@ -14,6 +14,6 @@ from jaxvision.models import (  # noqa: F401  (registration)
     convnext, efficientnet, inception, mobilenet, resnet, swin, vgg, vit)
 from jaxvision.models.ops import Ops
 from jaxvision.models.registry import ModelCard, architecture, create, list_models, model_card
-from jaxvision.models.util import count_params, init_shapes
+from jaxvision.models.util import count_params, init_shapes, output_shapes
 
-__all__ = ["ModelCard", "Ops", "architecture", "create", "list_models", "model_card", "count_params", "init_shapes"]
+__all__ = ["ModelCard", "Ops", "architecture", "create", "list_models", "model_card", "count_params", "init_shapes", "output_shapes"]

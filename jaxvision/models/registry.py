@@ -75,18 +75,16 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def model_card(name: str) -> ModelCard:
+def model_card(name: str, feature_info: bool = True) -> ModelCard:
     """The card of `name`; for models with `features_only`, `feature_info` lists every feature
-    map's (channels, stride) at the card's input size, derived from the model (shapes only)."""
+    map's (channels, stride) at the card's input size, derived from the model (shapes only:
+    `feature_info=False` skips that tracing)."""
     entry = _entry(name)
-    if "features_only" not in entry.fields():
+    if "features_only" not in entry.fields() or not feature_info:
         return entry.card
-    import jax
-    import jax.numpy as jnp
+    from jaxvision.models import util
 
-    model = create(name, features_only=True)  # the default out_indices select every map
-    x = jnp.zeros((1, entry.card.input_size, entry.card.input_size, 3))
-    maps = jax.eval_shape(lambda: model.apply(model.init(jax.random.key(0), x), x))
+    maps = util.output_shapes(create(name, features_only=True), entry.card.input_size)  # every map
     # nominal strides (powers of two), as timm reports them, also for Inception's valid convs
     info = tuple((m.shape[-1], 2 ** round(math.log2(entry.card.input_size / m.shape[1]))) for m in maps)
     return dataclasses.replace(entry.card, feature_info=info)

@@ -102,11 +102,11 @@ def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def check_batch(global_batch: int, mesh: Mesh) -> int:
+def check_batch(global_batch: int, mesh: Mesh, name: str = "batch_size") -> int:
     """Per-process batch for a global batch; fails with the numbers when it does not split."""
     dp = data_parallel_size(mesh)
     if global_batch % dp:
-        raise MeshError(f"batch_size {global_batch} does not split over the data-parallel size {dp} "
+        raise MeshError(f"{name} {global_batch} does not split over the data-parallel size {dp} "
                         f"(mesh {dict(mesh.shape)}: data x fsdp); use a multiple of {dp}")
     if dp % jax.process_count():
         raise MeshError(f"the data-parallel size {dp} does not split over {jax.process_count()} "

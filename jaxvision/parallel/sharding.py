@@ -11,6 +11,7 @@ Rules (MaxText/big_vision style, but read off the names rather than regexes):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -77,30 +78,40 @@ def _dict_keys(path) -> tuple:
     return tuple(p.key for p in path if isinstance(p, jax.tree_util.DictKey))
 
 
-def plan_rows(param_shapes, shardings) -> list[tuple[str, tuple, str, int, int]]:
-    """(path, shape, spec, bytes, bytes per device) for every parameter."""
+@dataclasses.dataclass
+class PlanRow:
+    """One array of the plan, as clu's parameter overview lists them, with bytes per device."""
+
+    name: str
+    shape: tuple
+    dtype: str
+    size: int
+    sharding: tuple
+    mib: float
+    mib_per_device: float
+
+
+def plan_rows(param_shapes, shardings) -> list[PlanRow]:
+    """A row for every array of `param_shapes` laid out by `shardings`."""
     rows = []
     for (path, leaf), (_, sharding) in zip(jax.tree_util.tree_flatten_with_path(param_shapes)[0],
                                            jax.tree_util.tree_flatten_with_path(shardings)[0]):
         nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
         split = math.prod(sharding.mesh.shape[a] for axes in sharding.spec if axes
                           for a in ((axes,) if isinstance(axes, str) else axes))
-        rows.append(("/".join(_dict_keys(path)), tuple(leaf.shape), str(tuple(sharding.spec)),
-                     nbytes, nbytes // split))
+        rows.append(PlanRow("/".join(_dict_keys(path)), tuple(leaf.shape), str(np.dtype(leaf.dtype)),
+                            int(np.prod(leaf.shape)), tuple(sharding.spec), nbytes / 2**20, nbytes / split / 2**20))
     return rows
 
 
-def format_plan(rows, mesh: Mesh, max_rows: int = 40) -> str:
-    """A table of the largest parameters' shardings and the per-device totals."""
-    total, per_device = sum(r[3] for r in rows), sum(r[4] for r in rows)
-    shown = sorted(rows, key=lambda r: -r[3])[:max_rows]
-    width = max([len(r[0]) for r in shown] + [9])
-    lines = [f"mesh {dict(mesh.shape)} over {mesh.size} devices",
-             f"{'parameter':<{width}}  {'shape':<22} {'sharding':<34} {'MiB':>9} {'MiB/device':>10}"]
-    for path, shape, spec, nbytes, dev in shown:
-        lines.append(f"{path:<{width}}  {str(shape):<22} {spec:<34} {nbytes / 2**20:>9.2f} {dev / 2**20:>10.2f}")
+def format_plan(rows: list[PlanRow], mesh: Mesh, max_rows: int = 40) -> str:
+    """The largest arrays' layout as clu's parameter-overview table, and the per-device totals."""
+    from clu import parameter_overview
+
+    shown = sorted(rows, key=lambda r: -r.mib)[:max_rows]
+    total, per_device = sum(r.mib for r in rows), sum(r.mib_per_device for r in rows)
+    lines = [f"mesh {dict(mesh.shape)} over {mesh.size} devices", parameter_overview.make_table(shown)]
     if len(rows) > len(shown):
-        lines.append(f"... {len(rows) - len(shown)} smaller parameters")
-    lines.append(f"{'total':<{width}}  {len(rows)} arrays{'':<15} {'':<34} {total / 2**20:>9.2f} "
-                 f"{per_device / 2**20:>10.2f}")
+        lines.append(f"... and {len(rows) - len(shown)} smaller arrays")
+    lines.append(f"total: {len(rows)} arrays, {total:.2f} MiB, {per_device:.2f} MiB per device")
     return "\n".join(lines)

@@ -15,8 +15,9 @@ from jaxvision.parallel import mesh as mesh_lib
 
 def run(eval_step, variables, source, transform, mesh, batch_size: int, threads: int = 4,
         prefix: str = "val_") -> tuple[dict, np.ndarray | None]:
-    """Loss, top-1 and top-5 over the split (each example exactly once), and the confusion
-    matrix when the step computes one."""
+    """Loss, top-1 and top-5 over the split's readable examples (each exactly once), how many
+    were unreadable and left out (`unreadable`, when any), and the confusion matrix when the step
+    computes one."""
     local = mesh_lib.check_batch(batch_size, mesh)
     host = pipeline.eval_batches(source, transform, batch_size=local, threads=threads)
     sums = None
@@ -30,6 +31,8 @@ def run(eval_step, variables, source, transform, mesh, batch_size: int, threads:
     n = max(float(sums["count"]), 1.0)
     metrics = {f"{prefix}loss": float(sums["loss"]) / n, f"{prefix}top1": float(sums["top1"]) / n,
                f"{prefix}top5": float(sums["top5"]) / n}
+    if len(source) > int(sums["count"]):
+        metrics[f"{prefix}unreadable"] = float(len(source) - int(sums["count"]))
     confusion = sums.get("confusion")
     if confusion is not None:
         metrics[f"{prefix}balanced_top1"] = balanced_accuracy(confusion)

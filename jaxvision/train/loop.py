@@ -1,154 +1,34 @@
-"""Set-up from the config, the training loop with periodic evaluation and checkpoints, eval-only,
-and the plan (how parameters are laid out, what one step costs).
+"""The training loop with periodic evaluation and checkpoints, eval-only, and the plan (how
+parameters are laid out, what one step costs); the set-up they start from is `train/setup.py`.
 
 The loop never waits on the device except to log every `log_every` steps and to evaluate.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from jaxvision import backends, checkpoint, models
+from jaxvision import backends, checkpoint, models, trained
+from jaxvision import config as config_lib, workdir as workdir_lib
 from jaxvision.data import mix as mix_lib
-from jaxvision.data import pipeline, sources, transforms
+from jaxvision.data import pipeline, sources
 from jaxvision.errors import UserError
 from jaxvision.parallel import mesh as mesh_lib
 from jaxvision.parallel import preemption, sharding
 from jaxvision.train import evaluate as eval_lib
 from jaxvision.train import optim
-from jaxvision.train import state as state_lib
 from jaxvision.train import step as step_lib
+from jaxvision.train.setup import Setup, eval_transform, identity, setup, train_transform
 from jaxvision.train.writer import MetricWriter, evaluations, table
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-CLASSES_FILE = "classes.json"  # class names in the workdir, for modes that run without the data
-
-
-@dataclasses.dataclass
-class Setup:
-    """Everything derived from the config before any array exists."""
-
-    config: object
-    mesh: jax.sharding.Mesh
-    model: object
-    card: models.ModelCard
-    image_size: int
-    num_classes: int
-    train_source: sources.Source | None
-    eval_source: sources.Source | None
-    teacher: object = None  # the distillation teacher module, if any
-
-    @property
-    def distilling(self) -> bool:
-        return self.teacher is not None
-
-    def batch_shardings(self, with_mask: bool = False) -> dict:
-        out = {"image": mesh_lib.batch_sharding(self.mesh, 4), "label": mesh_lib.batch_sharding(self.mesh, 1)}
-        if with_mask:
-            out["mask"] = mesh_lib.batch_sharding(self.mesh, 1)
-        return out
-
-    @property
-    def teacher_size(self) -> int:
-        return self.config.distill.teacher_image_size or self.image_size
-
-    def extra_params(self) -> dict:
-        """Feature distillation between different widths trains a projection beside the model."""
-        if not self.distilling or self.config.distill.kind != "feature":
-            return {}
-        dims = [jax.eval_shape(lambda: m.apply(m.init(jax.random.key(0), jnp.zeros((1, size, size, 3))),
-                                               jnp.zeros((1, size, size, 3)), pre_logits=True)).shape[-1]
-                for m, size in ((self.model, self.image_size), (self.teacher, self.teacher_size))]
-        if dims[0] == dims[1]:
-            return {}
-        return {"distill_proj": {"kernel": state_lib.extra_param(tuple(dims), ("features", "embed"))}}
-
-    def param_shapes(self):
-        return nn.meta.unbox(state_lib.boxed_variables(self.model, self.image_size, 0,
-                                                       self.extra_params())["params"])
-
-    def optimizer(self, steps: int):
-        return optim.optimizer(self.config.optim, steps, self.config.model.name, self.param_shapes())
-
-    def abstract_state(self, tx):
-        return state_lib.abstract_state(self.model, tx, self.image_size, self.mesh,
-                                        self.config.fsdp_min_size, self.config.seed,
-                                        ema=self.config.ema.decay > 0, extra_params=self.extra_params())
-
-    def teacher_shapes(self):
-        """(abstract teacher variables, their shardings), by the same rules as the student's."""
-        boxed = state_lib.boxed_variables(self.teacher, self.teacher_size)
-        shardings = sharding.variable_shardings(boxed, self.mesh, self.config.fsdp_min_size)
-        return nn.meta.unbox(boxed), shardings
-
-
-def open_source(config, dataset: str, split: str) -> sources.Source:
-    return sources.open_source(dataset, split, data_dir=config.data.data_dir or None,
-                               val_fraction=config.data.val_fraction)
-
-
-def setup(config, *, train: bool = True, evaluate: bool = True, platform: str = "", mesh=None) -> Setup:
-    """Mesh, data sources and model from the config; fails early with a clear message. The model
-    is traced with the ops for `platform` (default: the platform of the mesh's devices)."""
-    mesh = mesh or mesh_lib.make_mesh(config.mesh, config.mesh_dcn)
-    backends.check_backend(config.backend)
-    train_src = open_source(config, config.data.dataset, config.data.train_split) if train else None
-    eval_src = open_source(config, config.data.eval_dataset or config.data.dataset,
-                     config.data.eval_split) if evaluate else None
-    num_classes = config.model.num_classes or (train_src or eval_src).num_classes
-    for src in (train_src, eval_src):
-        if src is not None and src.num_classes != num_classes:
-            raise sources.DataError(f"the dataset has {src.num_classes} classes but the model "
-                                    f"{num_classes}; set config.model.num_classes={src.num_classes}")
-    if config.model.dtype not in DTYPES:
-        raise UserError(f"config.model.dtype must be one of {', '.join(DTYPES)}")
-    card = models.model_card(config.model.name)
-    kwargs = dict(config.model.kwargs)
-    if platform:
-        ops = backends.ops_for(platform, config.backend, mesh.size)
-    else:
-        ops = backends.for_mesh(mesh, config.backend)
-    teacher = None
-    if config.distill.teacher:
-        d = config.distill
-        if d.kind not in step_lib.DISTILL_KINDS:
-            raise UserError(f"config.distill.kind must be one of {', '.join(step_lib.DISTILL_KINDS)}")
-        if d.kind.startswith("deit"):
-            if not models.architecture(config.model.name).get("distilled"):
-                raise UserError(f"distill.kind={d.kind} needs a student with a distillation token "
-                                f"(deit_*_distilled_*), not {config.model.name}")
-            kwargs["distilled_training"] = True
-        teacher = models.create(d.teacher, num_classes=num_classes, dtype=DTYPES[config.model.dtype],
-                                ops=ops, **dict(d.teacher_kwargs))
-    model = models.create(config.model.name, num_classes=num_classes, dtype=DTYPES[config.model.dtype],
-                          ops=ops, **kwargs)
-    return Setup(config, mesh, model, card, int(config.data.image_size) or card.input_size,
-                 num_classes, train_src, eval_src, teacher)
-
-
-def _train_transform(s: Setup) -> transforms.TrainTransform:
-    d = s.config.data
-    return transforms.TrainTransform(s.image_size, d.augment, tuple(d.rrc_scale),
-                                     d.interpolation or s.card.interpolation, d.randaugment,
-                                     d.reprob, d.remode)
-
-
-def eval_transform(s: Setup) -> transforms.EvalTransform:
-    d = s.config.data
-    return transforms.EvalTransform(s.image_size, d.crop_pct or s.card.crop_pct,
-                                    d.interpolation or s.card.interpolation)
-
 
 def total_steps(config, train_size: int) -> int:
     if config.num_steps:
@@ -230,29 +110,55 @@ def run_eval(s: Setup, eval_step, variables, workdir: str | None = None, step: i
     return metrics
 
 
-def _identity(s: Setup) -> dict:
-    """What a checkpoint must match to be resumed by this config."""
-    return {"model": s.config.model.name, "num_classes": s.num_classes}
+class Diverged(UserError):
+    """The loss or the gradients became non-finite; nothing after the last good checkpoint is
+    kept. Exit status 3, so a scheduler does not retry the same run."""
+
+    exit_code = 3
+
+
+def _finite_rows(pending: list, first_step: int, s: Setup, last_good: int | None) -> list[dict]:
+    """The host values of the steps' metrics since the last check; raises `Diverged` naming the
+    first step whose loss or gradient norm is not finite."""
+    rows = jax.device_get(pending)
+    for i, row in enumerate(rows):
+        bad = {k: float(row[k]) for k in ("loss", "grad_norm") if not math.isfinite(float(row[k]))}
+        if bad:
+            kept = (f"the last good checkpoint, step {last_good}, is kept and the run resumes from it"
+                    if last_good else "no checkpoint was written")
+            o = s.config.optim
+            raise Diverged(
+                f"training diverged at step {first_step + i}: {', '.join(f'{k} {v}' for k, v in bad.items())}; "
+                f"{kept}. Likely causes: a learning rate too high for this batch (optim.lr={o.lr}), no gradient "
+                f"clipping (optim.grad_clip={o.grad_clip}), {s.config.model.dtype} overflow, or bad input data")
+    return rows
 
 
 def train(config, workdir: str) -> dict:
     """Train (or resume) to `config.num_steps` / `num_epochs`, evaluating and checkpointing."""
     wall_start = time.perf_counter()
+    config_lib.check(config)
+    workdir = workdir_lib.prepare(workdir)
+    with workdir_lib.RunLock(workdir):
+        return _train(config, workdir, wall_start)
+
+
+def _train(config, workdir: str, wall_start: float) -> dict:
     s = setup(config)
     local_batch = mesh_lib.check_batch(config.batch_size, s.mesh)
     steps = total_steps(config, len(s.train_source))
     tx = s.optimizer(steps)
     init, shapes, shardings = s.abstract_state(tx)
     ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
-    start = ckpts.latest_step() or 0
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, CLASSES_FILE), "w") as f:
+        with open(os.path.join(workdir, trained.CLASSES_FILE), "w") as f:
             json.dump(list(s.train_source.class_names), f)
-    if start:
-        state, _ = ckpts.restore(start, shapes, shardings, _identity(s))
+    restored = ckpts.restore_good(shapes, shardings, identity(s))
+    if restored:
+        state, _, start = restored
         logging.info("resuming from step %d in %s", start, ckpts.directory)
     else:
-        state = jax.jit(init, out_shardings=shardings)()
+        state, start = jax.jit(init, out_shardings=shardings)(), 0
         if config.init_from:
             params, stats, heads = checkpoint.init_from(config.init_from, config.model.name,
                                                         state.params, state.batch_stats)
@@ -262,39 +168,53 @@ def train(config, workdir: str) -> dict:
     train_step = jit_train_step(s, tx, shapes, shardings)
     eval_step = jit_eval_step(s, shardings.variables())
     teacher = load_teacher(s)
-    lr_at = optim.schedule(config.optim, steps // config.optim.accumulate)
+    accumulate = config.optim.accumulate
+    lr_at = optim.schedule(config.optim, steps // accumulate)  # per optimizer step
     eval_every = config.eval_every or max(len(s.train_source) // config.batch_size, 1)
     log_every = config.log_every or 50
     stop_at = min(steps, start + config.run_steps) if config.run_steps else steps
 
-    host = pipeline.train_batches(s.train_source, _train_transform(s), batch_size=local_batch,
+    host = pipeline.train_batches(s.train_source, train_transform(s), batch_size=local_batch,
                                   seed=config.seed, start_step=start, threads=config.data.threads,
                                   workers=config.data.workers,
                                   balanced=config.data.sampling == "balanced")
     batches = pipeline.prefetch_to_mesh(host, s.mesh)
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, start)
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                disable=jax.process_index() != 0, mininterval=1.0)
-    acc, n_acc, t_mark = None, 0, time.perf_counter()
+    pending, logged_rows, t_mark = [], [], time.perf_counter()
     rates, evals = [], evaluations(workdir, start)
-    step, preempted = start, False
+    step, preempted, last_good = start, False, start or None
     watch = preemption.PreemptionWatch()
+
+    def save(step, metrics=None):
+        nonlocal last_good
+        ckpts.save(step, state, {**identity(s), "next_batch": step}, metrics=metrics)
+        last_good = step
+
     try:
         for step in range(start + 1, stop_at + 1):
             state, metrics = train_step(state, next(batches), teacher)
-            acc = metrics if acc is None else jax.tree_util.tree_map(jnp.add, acc, metrics)
-            n_acc += 1
+            pending.append(metrics)
             bar.update(1)
-            if step % log_every == 0 or step == stop_at:
-                logged = {k: float(v) / n_acc for k, v in jax.device_get(acc).items()}  # the sync point
-                rate = n_acc * config.batch_size / (time.perf_counter() - t_mark)
-                if step - n_acc > start:  # the first interval after a (re)start includes compiling
+            log_now = step % log_every == 0 or step == stop_at
+            eval_now = step % eval_every == 0 or step == steps
+            save_now = (config.checkpoint_every and step % config.checkpoint_every == 0) or step == stop_at
+            stop_now = watch.reached(step) and step < stop_at
+            if log_now or eval_now or save_now or stop_now:  # a sync point: nothing non-finite goes on
+                logged_rows += _finite_rows(pending, step - len(pending) + 1, s, last_good)
+                pending = []
+            if log_now:
+                n = len(logged_rows)
+                logged = {k: float(np.mean([r[k] for r in logged_rows])) for k in logged_rows[0]}
+                rate = n * config.batch_size / (time.perf_counter() - t_mark)
+                if step - n > start:  # the first interval after a (re)start includes compiling
                     rates.append(rate)
-                logged.update(images_per_sec=rate, lr=float(lr_at(step)))
+                logged.update(images_per_sec=rate, lr=float(lr_at(step // accumulate)))
                 writer.write(step, logged)
                 bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{rate:.0f}")
-                acc, n_acc = None, 0
-            if step % eval_every == 0 or step == steps:
+                logged_rows = []
+            if eval_now:
                 result = run_eval(s, eval_step, state.variables(), workdir, step)
                 if state.ema is not None:
                     result.update(run_eval(s, eval_step, state.ema, workdir, step, prefix="ema_val_"))
@@ -302,12 +222,12 @@ def train(config, workdir: str) -> dict:
                 writer.write(step, result)
                 if jax.process_index() == 0:
                     bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
-                ckpts.save(step, state, {**_identity(s), "next_batch": step}, metrics=result)
-            elif (config.checkpoint_every and step % config.checkpoint_every == 0) or step == stop_at:
-                ckpts.save(step, state, {**_identity(s), "next_batch": step})
-            if watch.reached(step) and step < stop_at:
-                if ckpts.latest_step() != step:
-                    ckpts.save(step, state, {**_identity(s), "next_batch": step})
+                save(step, result)
+            elif save_now:
+                save(step)
+            if stop_now:
+                if last_good != step:
+                    save(step)
                 preempted = True
                 if jax.process_index() == 0:
                     bar.write(f"preemption notice: saved step {step}; run the same command to resume")
@@ -333,6 +253,7 @@ def _summary(s: Setup, evals: dict, rates: list, step: int, steps: int, wall: fl
         "best_val_top1": evals[best_step]["val_top1"] if best_step else None, "best_step": best_step,
         "final_val_top1": final.get("val_top1"), "final_val_top5": final.get("val_top5"),
         **({"final_ema_val_top1": final["ema_val_top1"]} if "ema_val_top1" in final else {}),
+        **({"unreadable_val_images": int(final["val_unreadable"])} if "val_unreadable" in final else {}),
         "images_per_sec": float(np.median(rates)) if rates else None, "wall_seconds": wall,
         "devices": jax.device_count(), "processes": jax.process_count(), "mesh": dict(s.mesh.shape),
         "ops": s.model.ops.describe(),
@@ -347,35 +268,10 @@ def _summary(s: Setup, evals: dict, rates: list, step: int, steps: int, wall: fl
     return summary
 
 
-def trained_variables(s: Setup, workdir: str):
-    """(variables, their shardings, step) of the workdir's best (else latest) checkpoint, or of
-    `init_from` (step None), for every mode that uses a trained model."""
-    config = s.config
-    init, shapes, shardings = s.abstract_state(s.optimizer(1))
-    ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
-    try:
-        step = ckpts.best_step() or ckpts.latest_step()
-        if step is not None:
-            state, _ = ckpts.restore(step, shapes, shardings, _identity(s))
-            return state.variables(), shardings.variables(), step
-    finally:
-        ckpts.close()
-    if not config.init_from:
-        raise checkpoint.CheckpointError(f"no trained model: no checkpoint in {ckpts.directory} "
-                                         "and no config.init_from")
-    state = jax.jit(init, out_shardings=shardings)()
-    params, stats, heads = checkpoint.init_from(config.init_from, config.model.name,
-                                                state.params, state.batch_stats)
-    if heads:
-        raise checkpoint.CheckpointError(f"init_from {config.init_from} has no head for "
-                                         f"{s.num_classes} classes; this mode needs a trained head")
-    return {"params": params, "batch_stats": stats}, shardings.variables(), None
-
-
 def evaluate(config, workdir: str) -> dict:
     """Evaluate the workdir's best (else latest) checkpoint, or `init_from`, on the eval split."""
     s = setup(config, train=False)
-    variables, variable_shardings, step = trained_variables(s, workdir)
+    variables, variable_shardings, step = trained.variables(s, workdir)
     result = run_eval(s, jit_eval_step(s, variable_shardings), variables, workdir, step or 0)
     if jax.process_index() == 0:
         dataset = config.data.eval_dataset or config.data.dataset
@@ -404,8 +300,8 @@ def plan(config, workdir: str | None = None, *, lower: bool = True) -> str:
     lines = [f"plan for {platform} ({s.model.ops.describe()})",
              sharding.format_plan(sharding.plan_rows(shapes.params, shardings.params), s.mesh)]
     opt_rows = sharding.plan_rows(shapes.opt_state, shardings.opt_state)
-    lines.append(f"optimizer state: {sum(r[3] for r in opt_rows) / 2**20:.2f} MiB, "
-                 f"{sum(r[4] for r in opt_rows) / 2**20:.2f} MiB per device")
+    lines.append(f"optimizer state: {sum(r.mib for r in opt_rows):.2f} MiB, "
+                 f"{sum(r.mib_per_device for r in opt_rows):.2f} MiB per device")
     if not lower:
         return "\n".join(lines)
     b = config.batch_size

@@ -1,12 +1,16 @@
 """Optimizers and schedules from the config, built from Optax pieces.
 
-`config.optim` fields: name (sgd, adamw, lamb, lars, adafactor), lr, schedule (cosine, linear,
-step, constant), warmup_steps, min_lr_ratio, step_boundaries / step_factor, momentum, nesterov,
-b1, b2, weight_decay, grad_clip (global norm, 0 = off), accumulate (gradient accumulation steps).
+`config.optim.name` is any optax optimizer (sgd, adamw, lamb, lars, adafactor, lion, ...); it gets
+the schedule as its learning rate and, by name, the fields of `config.optim` it takes: b1, b2,
+momentum with nesterov (where it takes both: sgd, lars, rmsprop), weight decay with its mask, and
+anything in `optim.kwargs`. An optimizer without weight decay of its own is chained after optax's
+`add_decayed_weights`. Then: schedule (cosine, linear, step, constant) with warm-up, grad_clip
+(global norm, 0 = off), freezing, layer-wise decay, accumulate (gradient accumulation steps).
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Callable
 
@@ -17,7 +21,7 @@ import optax
 from jaxvision.errors import UserError
 from jaxvision.models import registry
 
-OPTIMIZERS = ("sgd", "adamw", "lamb", "lars", "adafactor")
+OPTIMIZERS = ("sgd", "adamw", "lamb", "lars", "adafactor", "lion", "adam", "nadamw", "rmsprop", "adabelief")
 SCHEDULES = ("cosine", "linear", "step", "constant")
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token")
 
@@ -59,25 +63,7 @@ def optimizer(cfg, total_steps: int, model_name: str | None = None,
     """The configured optimizer: schedule, decay mask, clipping, then (given the model name and the
     parameter tree, shapes suffice) freezing and layer-wise decay, then accumulation."""
     accumulate = int(cfg.get("accumulate", 1))
-    name, lr = cfg.get("name", "sgd"), schedule(cfg, total_steps // accumulate)
-    wd = float(cfg.get("weight_decay", 0.0))
-    if name == "sgd":
-        tx = optax.chain(optax.add_decayed_weights(wd, decay_mask) if wd else optax.identity(),
-                         optax.sgd(lr, momentum=cfg.get("momentum", 0.9) or None,
-                                   nesterov=bool(cfg.get("nesterov", False))))
-    elif name == "adamw":
-        tx = optax.adamw(lr, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), weight_decay=wd,
-                         mask=decay_mask)
-    elif name == "lamb":
-        tx = optax.lamb(lr, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), weight_decay=wd,
-                        mask=decay_mask)
-    elif name == "lars":
-        tx = optax.lars(lr, weight_decay=wd, weight_decay_mask=decay_mask,
-                        trust_ratio_mask=decay_mask, momentum=cfg.get("momentum", 0.9))
-    elif name == "adafactor":
-        tx = optax.adafactor(lr, weight_decay_rate=wd or None, weight_decay_mask=decay_mask)
-    else:
-        raise UserError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    tx = by_name(cfg, schedule(cfg, total_steps // accumulate))
     clip = float(cfg.get("grad_clip", 0.0))
     if clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(clip), tx)
@@ -89,6 +75,26 @@ def optimizer(cfg, total_steps: int, model_name: str | None = None,
     if accumulate > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=accumulate)
     return tx
+
+
+def by_name(cfg, learning_rate) -> optax.GradientTransformation:
+    """The optax optimizer `cfg.name` with the config's arguments it takes (module docstring)."""
+    make = getattr(optax, cfg.get("name", "sgd"), None)
+    params = inspect.signature(make).parameters if callable(make) else {}
+    if "learning_rate" not in params:
+        raise UserError(f"config.optim.name must be an optax optimizer such as {', '.join(OPTIMIZERS)}, "
+                        f"not {cfg.get('name')!r}")
+    args = {k: cfg.get(k) for k in ("b1", "b2") if k in params and k in cfg}
+    if "momentum" in params and "nesterov" in params:
+        args.update(momentum=cfg.get("momentum", 0.9), nesterov=bool(cfg.get("nesterov", False)))
+    wd = float(cfg.get("weight_decay", 0.0))
+    decay = next((k for k in ("weight_decay", "weight_decay_rate") if k in params), None)
+    if decay:
+        args[decay] = wd if decay == "weight_decay" else (wd or None)
+        args.update({k: decay_mask for k in ("mask", "weight_decay_mask", "trust_ratio_mask") if k in params})
+    args.update(dict(cfg.get("kwargs", {})))
+    tx = make(learning_rate, **args)
+    return optax.chain(optax.add_decayed_weights(wd, decay_mask), tx) if wd and not decay else tx
 
 
 # --- layer-wise learning-rate decay ------------------------------------------------------------

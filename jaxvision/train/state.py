@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxvision.models import util
 from jaxvision.parallel import sharding
 
 
@@ -25,11 +26,6 @@ class TrainState(flax.struct.PyTreeNode):
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def _init_variables(model: nn.Module, image_size: int, seed: int):
-    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    return model.init(jax.random.key(seed), images, train=False)
-
-
 def extra_param(shape: tuple, names: tuple) -> nn.LogicallyPartitioned:
     """An abstract extra parameter trained beside the model (e.g. `distill_proj`)."""
     return nn.LogicallyPartitioned(jax.ShapeDtypeStruct(shape, jnp.float32), names)
@@ -37,7 +33,7 @@ def extra_param(shape: tuple, names: tuple) -> nn.LogicallyPartitioned:
 
 def boxed_variables(model: nn.Module, image_size: int, seed: int = 0, extra_params=None):
     """Abstract variables with logical axis names, plus any extra parameters."""
-    boxed = jax.eval_shape(lambda: _init_variables(model, image_size, seed))
+    boxed = util.abstract_variables(model, image_size, seed=seed)
     if extra_params:
         boxed = {**boxed, "params": {**boxed["params"], **extra_params}}
     return boxed
@@ -49,7 +45,8 @@ def abstract_state(model: nn.Module, tx: optax.GradientTransformation, image_siz
     """(init function, abstract state, state shardings) without allocating anything.
     `extra_params` ({name: {leaf: extra_param(...)}}) are initialised LeCun-normal."""
     def init() -> TrainState:
-        variables = nn.meta.unbox(_init_variables(model, image_size, seed))
+        images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+        variables = nn.meta.unbox(model.init(jax.random.key(seed), images, train=False))
         params, stats = variables["params"], variables.get("batch_stats", {})
         if extra_params:
             key = jax.random.key(seed + 1)

@@ -38,7 +38,7 @@ def _half_attention(qkv):
     converted there and back) under differentiation, where XLA's transposes, pads and conversions
     of the gradients cost more than the whole float32 attention (ViT-S training in bfloat16
     1.3-1.5x with `conv.add_bias`; inference, 5-15% slower through the native kernels, keeps
-    XLA's; experiments/PERF.md)."""
+    XLA's; docs/performance.md)."""
     return _split_attention(qkv, True)
 
 
@@ -79,7 +79,7 @@ def _cpu_attention(q, k, v, native):
     Forward: the softmax normalised after the product with v. Backward, as FlashAttention's:
     with D = rowsum(dO * O), dS = P * (dP - D), so neither the normalised probabilities nor
     autodiff's broadcasts of the softmax are materialised. ViT-S's attention, batch 16, forward
-    10 -> 6 ms (experiments/PERF.md)."""
+    10 -> 6 ms (docs/performance.md)."""
     return _attention_forward(q, k, v, native)[0]
 
 

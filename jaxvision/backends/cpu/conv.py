@@ -6,7 +6,7 @@ convolution and dense layer goes to them, except patch embeddings (stride = kern
 reshape-and-GEMM below has the faster backward. Otherwise:
 
 XLA:CPU hands a convolution to its Eigen kernels, which are fast for dense 3x3 convolutions on
-feature maps of 7x7 and up but slow for these (measured in experiments/PERF.md):
+feature maps of 7x7 and up but slow for these (measured in docs/performance.md):
   * 1x1 (pointwise) convolutions: 5-8x slower than the same product written as a matrix
     multiply, which XLA:CPU runs as one GEMM;
   * dense convolutions with a tiny output (at most 2x2, the last stage of a ResNet at 64 px):
@@ -86,7 +86,7 @@ def feature_matmul(x, w, n_in=1, precision=None):
     wants those axes minor in its left operand, so that operand is transposed in memory.
     Autodiff puts the output gradient on the left; this backward puts the operand with fewer
     features there, which halves the transposed bytes or better (a 64->256 1x1 convolution at
-    56x56 with its BatchNorm: forward and backward 219 -> 86 ms; experiments/PERF.md)."""
+    56x56 with its BatchNorm: forward and backward 219 -> 86 ms; docs/performance.md)."""
     return _dot(x, w, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())), precision)
 
 
@@ -131,7 +131,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
 def sum_by_halves(x):
     """x summed over its leading axis, keeping it, as pairwise adds of halves. XLA:CPU reduces a
     leading axis with many outputs 10-60x slower than this (16x197x384: 5.4 against 0.5 ms,
-    256x197x384: 115 against 1.9 ms; experiments/PERF.md)."""
+    256x197x384: 115 against 1.9 ms; docs/performance.md)."""
     while x.shape[0] > 1:
         half = x.shape[0] // 2
         x = jnp.concatenate([x[:half] + x[half:2 * half], x[2 * half:]]) if x.shape[0] % 2 else x[:half] + x[half:]
@@ -182,7 +182,7 @@ def subsample(x, strides):
     strided 1x1 convolution's kernel gradient reads, and that copy re-derived the residual stream
     the slice came from, three blocks deep (ResNet-50 training: 1.01-1.04x). Without
     differentiation the slice stays, which XLA hands to the GEMM for free (the reduce_window cost
-    7 ms at 56x56x256; experiments/PERF.md)."""
+    7 ms at 56x56x256; docs/performance.md)."""
     if tuple(strides) == (1, 1):
         return x
     return _subsample(x, tuple(strides), x.shape)
@@ -245,7 +245,7 @@ def depthwise(x, kernel, strides, pads):
     and the output gradient once for all taps; autodiff's kh*kw separate sums read them kh*kw
     times (2-3x slower per layer). The reduction keeps the batch axis, and the rows of maps of 32
     rows and more, summed afterwards: XLA:CPU splits a reduction's work over its outputs, and a
-    few hundred channels alone left cores idle (experiments/PERF.md)."""
+    few hundred channels alone left cores idle (docs/performance.md)."""
     return _depthwise(x, kernel, strides, pads)
 
 

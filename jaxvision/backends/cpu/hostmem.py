@@ -21,7 +21,7 @@ memory is not the step's working memory.
   system    leave the process as it is (switches the restart off)
 glibc alone cannot keep the memory: its mmap threshold stops at 32 MiB, and serving every block
 from its main heap (mmap_max=0, arena_max=1, no trimming) fragments it, up to 12 GiB for
-ResNet-50's 2.5 GiB step (experiments/PERF.md).
+ResNet-50's 2.5 GiB step (docs/performance.md).
 
 The restarted process puts the variables back as they were, so the processes it starts (grain's
 workers, compilers) run on the system's allocator. This module imports neither jax nor numpy: it

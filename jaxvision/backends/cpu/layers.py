@@ -1,6 +1,6 @@
 """The CPU backend's layers: the zoo's Dense and LayerNorm with the portable modules' parameters,
 and its max pooling and GELU, each measured faster on XLA:CPU than the portable form
-(experiments/PERF.md). Every one computes what the portable op computes, up to float rounding.
+(docs/performance.md). Every one computes what the portable op computes, up to float rounding.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from jaxvision.models.ops import windows
 def gelu(x):
     """Exact GELU in PyTorch's form, x / 2 * (1 + erf(x / sqrt 2)). `nn.gelu(approximate=False)`
     goes through erfc, which XLA:CPU expands into exponentials and branches: 2.4x slower on
-    ViT-S's MLP activations (16 x 197 x 1536: 2.4 -> 1.0 ms forward; experiments/PERF.md), and
+    ViT-S's MLP activations (16 x 197 x 1536: 2.4 -> 1.0 ms forward; docs/performance.md), and
     the same values to 1e-6. Rematerialised: the backward recomputes erf from x instead of
     keeping it, one pass fewer over those activations (ViT-S training +2%). Computed in float32
     and rounded once, as PyTorch does for bfloat16: XLA:CPU otherwise rounds after every op
@@ -42,12 +42,12 @@ def max_pool(x, window: tuple[int, int], stride: tuple[int, int], padding=((0, 0
     Its gradient goes to the first view holding the maximum, as in PyTorch. Autodiff of the chain
     of maxima recomputes the chain for every view and splits ties: 148 ms of a ResNet-50 step on
     XLA:CPU for the stem's pooling gradient (16 x 112 x 112 x 64). With this backward ResNet-50
-    trains 1.10x faster (experiments/PERF.md).
+    trains 1.10x faster (docs/performance.md).
 
     Half-precision maps are pooled in float32 (exact: a maximum needs no rounding) and the
     gradient's overlapping windows summed in float32, rounded once: in bfloat16 XLA:CPU fused the
     first-maximum index back into the backward pass with a conversion per view: 245 ms for ResNet's
-    stem pooling forward and backward, against 70 in float32 (experiments/PERF.md)."""
+    stem pooling forward and backward, against 70 in float32 (docs/performance.md)."""
     wide = jnp.promote_types(x.dtype, jnp.float32)
     padding = tuple(map(tuple, padding))
     return _max_pool(x.astype(wide), tuple(window), tuple(stride), padding).astype(x.dtype)

@@ -3,7 +3,7 @@ building and loading them (the calls themselves are `onednn.py`).
 
 XLA:CPU runs convolutions through Eigen, which on an AVX-512 Xeon reaches a third to a half of
 oneDNN's speed on ResNet's 3x3 layers, and its GEMMs copy one operand transposed for every kernel
-gradient (experiments/PERF.md); PyTorch runs all of these through oneDNN. `onednn.cc` wraps
+gradient (docs/performance.md); PyTorch runs all of these through oneDNN. `onednn.cc` wraps
 oneDNN's forward, input-gradient and kernel-gradient convolutions, its matrix multiply (dense
 layers, attention's batched products) and its LayerNorm for jitted JAX code, spreading each call
 over XLA's own intra-op threads. It is compiled with the system's C++ compiler on first use

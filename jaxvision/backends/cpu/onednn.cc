@@ -24,7 +24,7 @@
 // Float32 products go to MKL's sgemm on Intel CPUs when the build links it (-DJAXVISION_MKL; the
 // GEMM PyTorch runs): on the Intel VM it multiplies ViT's shapes at 320-340 GFLOP/s where oneDNN
 // 3.2's reaches 240-300, most of all for a transposed operand; on an AMD EPYC it is oneDNN's that
-// is faster, 218-225 against 190-198 GFLOP/s (experiments/PERF.md). JAXVISION_MKL=1 or 0 overrides
+// is faster, 218-225 against 190-198 GFLOP/s (docs/performance.md). JAXVISION_MKL=1 or 0 overrides
 // the vendor. MKL runs sequentially, one chunk per thread like oneDNN.
 //
 // Primitives are created once per shape and thread count and kept (creation JIT-compiles a
@@ -380,7 +380,7 @@ MatmulPlan MakeMatmulPlan(const MatmulGeometry& g) {
   const int64_t m = g.m_total, k = g.k, n = g.n;
   // A bfloat16 matrix: a row block's batch stride as if it were dense, since oneDNN's brgemm (AMX,
   // 1.5-2x its gemm:jit fallback) only recognises a plain layout by its strides. Float32 keeps the
-  // fallback, measured faster than brgemm as row blocks (experiments/PERF.md).
+  // fallback, measured faster than brgemm as row blocks (docs/performance.md).
   const bool dense = g.batch == 1 && g.in == memory::data_type::bf16;
   const int64_t a_batch = dense ? g.rows * k : m * k, out_batch = dense ? g.rows * n : m * n;
   memory::desc a({g.batch, g.rows, k}, g.in, g.ta ? Dims{a_batch, 1, m} : Dims{a_batch, k, 1});
@@ -558,7 +558,7 @@ ffi::Error LayerNormBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
 // product that uses them, where XLA passes the whole batch's scores through memory between
 // separate kernels. The heads are read from the fused projection's (b, n, 3, h, d) output and
 // the output written as (b, n, h, d), each head copied through contiguous (n, d) buffers in cache
-// (oneDNN's products read strided operands slower, and XLA's transposes cost more: PERF.md).
+// (oneDNN's products read strided operands slower, and XLA's transposes cost more: docs/performance.md).
 // q is scaled on the way in; p, the normalised probabilities, is kept for the backward:
 // dv = p^T do, dp = do v^T, ds = p * (dp - rowsum(dp * p)) (oneDNN's softmax backward),
 // dq = scale ds k, dk = ds^T (scale q).

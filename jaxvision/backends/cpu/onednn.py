@@ -62,7 +62,7 @@ def _conv_bwd(strides, padding, dilation, groups, residuals, dy):
     attrs = (strides, padding, dilation, groups)
     # Depthwise: oneDNN 3.2 has float32 depthwise gradient kernels (jit_dw), but sends bfloat16 to
     # its generic grouped ones (brgconv_strided, jit_bf16), 2.5-9x slower than converting to
-    # float32 and back (EfficientNet-B0's layers, experiments/PERF.md).
+    # float32 and back (EfficientNet-B0's layers, docs/performance.md).
     compute = jnp.float32 if groups > 1 and groups == x.shape[-1] else x.dtype
     xc, wc, dyc = (a.astype(compute) for a in (x, w, dy))
     dx = _call("jaxvision_conv_bwd_data", dyc, wc, x.shape, compute, *attrs)

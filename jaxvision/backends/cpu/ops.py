@@ -4,7 +4,7 @@ Chosen by `jaxvision.backends.ops_for` for computations compiled for CPU when th
 installed; `native` only on one-device meshes, since XLA does not partition the kernels' custom
 calls. Every op computes what `Ops()` computes, up to float rounding (Winograd's transforms round
 to 1e-5 of the output's magnitude); they are faster on XLA:CPU, as measured in
-experiments/PERF.md and experiments/results/.
+docs/performance.md and experiments/results/.
 """
 
 from __future__ import annotations

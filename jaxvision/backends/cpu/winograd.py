@@ -1,7 +1,7 @@
 """Winograd convolution F(m x m, 3 x 3) for the stride-1 3x3 convolutions of a ResNet on CPU.
 
 XLA:CPU runs a 3x3 convolution with 64 channels on a 56x56 map at about half the FLOP rate it
-reaches with 128 or more (YNNPACK: 99 against 185-193 GFLOP/s; experiments/PERF.md), and
+reaches with 128 or more (YNNPACK: 99 against 185-193 GFLOP/s; docs/performance.md), and
 layer1 of a ResNet-50 is three of them. Winograd's algorithm computes each m x m block of
 outputs from a (m+2) x (m+2) tile of inputs with (m+2)^2 multiplies per channel pair instead of
 9 m^2: transform the tiles and the kernel, do (m+2)^2 independent channel GEMMs, transform back.
