@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxvision.errors import UserError
+from jaxvision.models import vit
 from jaxvision.models.registry import HEAD_NAMES
 
 log = logging.getLogger("jaxvision")
@@ -283,6 +284,7 @@ def init_from(path: str, model_name: str, params, batch_stats) -> tuple[Any, Any
     Returns (params, batch_stats, names of the parameters kept fresh)."""
     loaded, name = _load_variables(path)
     _check_name(path, name, model_name, "init_from")
+    loaded = {**loaded, "params": vit.match_layout(dict(loaded["params"]), params)}  # scanned ViT blocks or not
     placed, fresh = _overlay(loaded, {"params": params, "batch_stats": batch_stats}, FRESH_OK,
                              f"init_from {path} does not fit {model_name}")
     return placed["params"], placed["batch_stats"], fresh

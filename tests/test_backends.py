@@ -11,6 +11,8 @@ import ast
 import functools
 import os
 import re
+import subprocess
+import sys
 import tomllib
 
 import flax.linen as nn
@@ -95,6 +97,8 @@ def test_train_and_eval_steps_lower_for_accelerators_with_only_portable_ops(name
     assert convolutions(evaluate) == n
     # forward, kernel gradient, and input gradient of all but the convolution of the image itself
     assert convolutions(train) == 3 * n - 1
+    if name.startswith(("vit", "deit", "swin", "convnext")):  # activations laid out on the mesh per block
+        assert len(re.findall(r'sharding_constraint .*\{"tensor"\}\]>', train)) >= 10
 
 
 @pytest.mark.skipif(not native.installed(), reason="the cpu extra is not installed")
@@ -103,7 +107,8 @@ def test_the_same_steps_lowered_for_this_cpu_host_use_the_cpu_backend():
     XLA would not partition) the rewrites replace most convolutions."""
     config = family_config("resnet50", 64, {})
     s, (train, _) = lowered_steps(config, "cpu")
-    assert s.model.ops == CpuOps(native=False) and loop.setup(config, train=False, evaluate=False).model.ops == s.model.ops
+    assert isinstance(s.model.ops, CpuOps) and not s.model.ops.native
+    assert loop.setup(config, train=False, evaluate=False).model.ops == s.model.ops
     assert convolutions(train) < conv_layers(s.model, 64)
 
 
@@ -217,6 +222,13 @@ def test_plan_lowers_for_a_tpu_pod_from_this_host(tmp_path):
     assert "plan for tpu (portable" in text and "'fsdp': 32" in text and "not compiled" in text
     gflops = float(re.search(r"([0-9.]+) GFLOP per step", text).group(1))
     assert gflops > 0 and "optimizer state" in text and str(path) in text
+    out = subprocess.run([sys.executable, "-m", "jaxvision.main", "--config", "configs/imagenet_vit_s16.py",
+                          "--mode", "plan", "--config.plan.platform=tpu", "--config.plan.devices=8",
+                          "--config.data.image_size=32", "--config.model.kwargs.img_size=32",
+                          "--config.model.kwargs.scan_blocks=True", "--config.batch_size=16",
+                          "--config.model.num_classes=10"], capture_output=True, text=True, cwd=ROOT)
+    # model keyword arguments the recipe does not list pass through to models.create
+    assert out.returncode == 0 and "20 arrays" in out.stdout and "undercounted" in out.stdout, out.stderr
     config.plan.platform = "tpu7"
     with pytest.raises(UserError, match="config.plan.platform must be one of cpu, cuda, rocm, tpu"):
         loop.plan(config)

@@ -69,6 +69,20 @@ def test_logits_match_timm(name):
 
 
 @pytest.mark.parity
+@pytest.mark.parity
+@pytest.mark.parametrize("name", ["vit_small_patch16_224", "deit_tiny_distilled_patch16_224"])
+def test_scanned_blocks_convert_and_match_timm(name):
+    """`from_torch(..., scan_blocks=True)` gives the stacked layout of `create(..., scan_blocks=True)`."""
+    kwargs = {"img_size": 64, "scan_blocks": True}
+    ref_model = _timm_model(name, img_size=64)
+    x = np.random.RandomState(0).randn(2, 3, 64, 64).astype(np.float32)
+    with torch.no_grad():
+        ref = ref_model(torch.from_numpy(x)).numpy()
+    variables = convert.from_torch(name, ref_model.state_dict(), **kwargs)
+    assert variables["params"]["blocks"]["attn"]["qkv"]["kernel"].shape[0] == len(ref_model.blocks)
+    _assert_parity(_logits(name, variables, x, **kwargs), ref)
+
+
 def test_num_classes_is_read_from_the_checkpoint_and_pos_embed_resampled():
     ref_model = _timm_model("vit_tiny_patch16_224", img_size=32, num_classes=10)
     variables = convert.from_torch("vit_tiny_patch16_224", ref_model.state_dict(), img_size=64)

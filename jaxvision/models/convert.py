@@ -79,9 +79,11 @@ def _fit(value: np.ndarray, target_shape: tuple, leaf: str, num_prefix: int) -> 
 
 def from_torch(name: str, state_dict: Mapping[str, Any], **overrides) -> dict:
     """Map a timm state dict (torch tensors or numpy arrays) to ``{"params", "batch_stats"}`` for
-    ``create(name, **overrides)``. The number of classes is read from the checkpoint's head unless
-    given. Raises `ConversionError` naming every missing, unexpected and mis-shaped key."""
+    ``create(name, **overrides)`` (ViT's `scan_blocks=True` included: its blocks stacked). The
+    number of classes is read from the checkpoint's head unless given. Raises `ConversionError`
+    naming every missing, unexpected and mis-shaped key."""
     overrides.setdefault("num_classes", infer_num_classes(state_dict))
+    scan = overrides.pop("scan_blocks", False)  # converted in timm's layout, then stacked
     model = create(name, **overrides)
     shapes = init_shapes(model, image_size=32)
     flat = flax.traverse_util.flatten_dict(shapes)
@@ -109,6 +111,8 @@ def from_torch(name: str, state_dict: Mapping[str, Any], **overrides) -> dict:
                               + "\n".join(parts))
     variables = flax.traverse_util.unflatten_dict(out)
     variables.setdefault("batch_stats", {})
+    if scan:
+        variables["params"] = vit.stack_blocks(variables["params"])
     return variables
 
 

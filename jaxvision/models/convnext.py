@@ -27,7 +27,7 @@ class ConvNeXtBlock(layers.ZooModule, kw_only=True):
         y = layers.Mlp(hidden=4 * self.dim, **self.shared, name="mlp")(y)
         gamma = self.param("gamma", nn.with_logical_partitioning(
             nn.initializers.constant(self.layer_scale), ("conv_out",)), (self.dim,), self.param_dtype)
-        return x + layers.drop_path(y * gamma.astype(y.dtype), self.drop_path_rate, train)
+        return self.constrain(x + layers.drop_path(y * gamma.astype(y.dtype), self.drop_path_rate, train))
 
 
 class Downsample(layers.ZooModule, kw_only=True):

@@ -17,8 +17,10 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
+from jaxvision.errors import UserError
 from jaxvision.models.ops import PORTABLE, Ops
 
 Dtype = Any
@@ -109,6 +111,11 @@ class ZooModule(nn.Module):
             bias_init=nn.with_logical_partitioning(bias_init, axes[-n_out:]),
             name=name)
 
+    def constrain(self, x, features: str = "embed"):
+        """`x` (batch, ..., features) laid out on the trainer's mesh by its activation rules (the
+        batch over the data-parallel axes, `features` as the rules say); a no-op elsewhere."""
+        return self.ops.constrain(x, ("batch",) + (None,) * (x.ndim - 2) + (features,))
+
     def max_pool(self, x, window: int, stride: int, padding: int | tuple = 0):
         """Max pooling over `window` x `window` with PyTorch's padding: an int on every side, or
         explicit ((top, bottom), (left, right))."""
@@ -134,11 +141,39 @@ def _pairs(padding) -> tuple:
     return ((padding, padding),) * 2 if isinstance(padding, int) else tuple(map(tuple, padding))
 
 
-def drop_path(x, rate: float, train: bool):
-    """Stochastic depth: drop whole samples' residual branches, rescale the kept ones."""
-    if rate <= 0.0 or not train:
+def drop_path(x, rate, train: bool):
+    """Stochastic depth: drop whole samples' residual branches, rescale the kept ones. `rate` is a
+    float, or, in a scanned stack of blocks, each block's own rate as a traced scalar."""
+    if not train or (isinstance(rate, (int, float)) and rate <= 0.0):
         return x
-    return nn.Dropout(rate, broadcast_dims=tuple(range(1, x.ndim)))(x, deterministic=False)
+    if isinstance(rate, (int, float)):
+        return nn.Dropout(rate, broadcast_dims=tuple(range(1, x.ndim)))(x, deterministic=False)
+    return _DropPath()(x, rate)
+
+
+class _DropPath(nn.Module):
+    @nn.compact
+    def __call__(self, x, rate):
+        keep = 1.0 - rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep.astype(x.dtype), 0).astype(x.dtype)
+
+
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+def remat(module_class, policy: str, static_argnums: tuple = (), scanned: bool = False):
+    """`module_class` rematerialised under a named policy: "none" keeps every activation for the
+    backward pass, "full" keeps none (recomputes the whole forward), the others name
+    `jax.checkpoint_policies` (e.g. "dots_saveable": keep the matrix products' outputs). Outside
+    `nn.scan` (`scanned=False`) the recomputation is kept from being merged with the forward pass
+    by XLA's common-subexpression elimination, which would undo it."""
+    if policy not in REMAT_POLICIES:
+        raise UserError(f"remat_policy must be one of {', '.join(REMAT_POLICIES)}, not {policy!r}")
+    if policy == "none":
+        return module_class
+    rule = None if policy == "full" else getattr(jax.checkpoint_policies, policy)
+    return nn.remat(module_class, policy=rule, prevent_cse=not scanned, static_argnums=static_argnums)
 
 
 class Mlp(ZooModule, kw_only=True):
@@ -149,7 +184,7 @@ class Mlp(ZooModule, kw_only=True):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        y = self.ops.gelu(self.dense(self.hidden, axes=("embed", "mlp"), name="fc1")(x))
+        y = self.constrain(self.ops.gelu(self.dense(self.hidden, axes=("embed", "mlp"), name="fc1")(x)), "mlp")
         y = nn.Dropout(self.drop_rate)(y, deterministic=not train)
         y = self.dense(x.shape[-1], axes=("mlp", "embed"), name="fc2")(y)
         return nn.Dropout(self.drop_rate)(y, deterministic=not train)

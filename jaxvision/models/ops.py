@@ -36,10 +36,26 @@ log = logging.getLogger("jaxvision")
 class Ops:
     cudnn_attention: bool = False
     pool_by_views: bool = False
+    # Where activations go on the trainer's mesh: logical names (batch, length, embed, mlp, heads)
+    # to mesh axes (`parallel.sharding.ACTIVATION_RULES`); without a mesh, `constrain` does nothing.
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None
+    activation_rules: tuple = ()
 
     def describe(self) -> str:
         """One line for logs and summaries: what these ops run on."""
         return "portable (XLA's own ops" + (", cuDNN attention where it applies)" if self.cudnn_attention else ")")
+
+    def constrain(self, x, names: tuple):
+        """`x` laid out over the mesh as the activation rules map its logical axis `names` (an
+        axis that does not divide evenly stays whole)."""
+        if self.mesh is None:
+            return x
+        rules, spec = dict(self.activation_rules), []
+        for size, name in zip(x.shape, names):
+            axes = rules.get(name)
+            ways = math.prod(self.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+            spec.append(axes if axes and ways > 1 and size % ways == 0 else None)
+        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec)))
 
     # Layers with parameters: module factories, so a backend may bring its own module with the
     # same parameter names.

@@ -113,7 +113,7 @@ class SwinBlock(layers.ZooModule, kw_only=True):
         x = x + layers.drop_path(y, self.drop_path_rate, train)
         y = layers.Mlp(hidden=int(c * self.mlp_ratio), **self.shared,
                        name="mlp")(self.layer_norm("norm2", eps=LN_EPS)(x), train)
-        return x + layers.drop_path(y, self.drop_path_rate, train)
+        return self.constrain(x + layers.drop_path(y, self.drop_path_rate, train))
 
 
 class PatchMerging(layers.ZooModule, kw_only=True):

@@ -31,6 +31,32 @@ def resample_pos_embed(pos, num_prefix: int, grid: tuple[int, int]):
     return jnp.concatenate([prefix, patches.reshape(1, -1, d).astype(pos.dtype)], axis=1)
 
 
+def stack_blocks(params: dict) -> dict:
+    """Parameters of unscanned blocks (`blocks/0` ... `blocks/N-1`) in the scanned layout (one
+    `blocks` subtree whose arrays have a leading layer axis); other parameters unchanged."""
+    blocks = params["blocks"]
+    layers_ = [blocks[str(i)] for i in range(len(blocks))]
+    return {**params, "blocks": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers_)}
+
+
+def unstack_blocks(params: dict) -> dict:
+    """The inverse of `stack_blocks`."""
+    depth = jax.tree_util.tree_leaves(params["blocks"])[0].shape[0]
+    return {**params, "blocks": {str(i): jax.tree_util.tree_map(lambda x: x[i], params["blocks"])
+                                 for i in range(depth)}}
+
+
+def scanned(params: dict) -> bool:
+    return "blocks" in params and "0" not in params["blocks"]
+
+
+def match_layout(params: dict, like: dict) -> dict:
+    """`params` in the blocks layout (scanned or not) of `like`, for restoring across layouts."""
+    if "blocks" not in params or "blocks" not in like or scanned(params) == scanned(like):
+        return params
+    return stack_blocks(params) if scanned(like) else unstack_blocks(params)
+
+
 class Attention(layers.ZooModule, kw_only=True):
     num_heads: int
 
@@ -39,7 +65,7 @@ class Attention(layers.ZooModule, kw_only=True):
         d = x.shape[-1]
         qkv = self.dense((3, self.num_heads, d // self.num_heads),
                          axes=("embed", None, "heads", "kv"), name="qkv")(x)
-        out = self.ops.attention(qkv)
+        out = self.ops.attention(self.ops.constrain(qkv, ("batch", None, None, "heads", None)))
         return self.dense(d, in_axes=(-2, -1), axes=("heads", "kv", "embed"), name="proj")(out)
 
 
@@ -51,12 +77,23 @@ class Block(layers.ZooModule, kw_only=True):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        return self.forward(x, self.drop_path_rate, train)
+
+    def forward(self, x, drop_path_rate, train: bool):
         kw = self.shared
         y = Attention(num_heads=self.num_heads, name="attn", **kw)(self.layer_norm("norm1")(x))
-        x = x + layers.drop_path(y, self.drop_path_rate, train)
+        x = x + layers.drop_path(y, drop_path_rate, train)
         y = layers.Mlp(hidden=int(x.shape[-1] * self.mlp_ratio), drop_rate=self.drop_rate, name="mlp",
                 **kw)(self.layer_norm("norm2")(x), train)
-        return x + layers.drop_path(y, self.drop_path_rate, train)
+        return self.constrain(x + layers.drop_path(y, drop_path_rate, train))
+
+
+class ScannedBlock(Block, kw_only=True):
+    """A block as the body of `nn.scan`: (x, its drop-path rate, train) -> (x, None)."""
+
+    @nn.compact
+    def __call__(self, x, drop_path_rate, train: bool = False):
+        return self.forward(x, drop_path_rate, train), None
 
 
 class PatchEmbed(layers.ZooModule, kw_only=True):
@@ -86,6 +123,8 @@ class VisionTransformer(layers.ZooModule, kw_only=True):
     num_classes: int = 1000
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    scan_blocks: bool = False  # the blocks under nn.scan: one block compiled, parameters stacked
+    remat_policy: str = "none"  # each block rematerialised: none | full | dots_saveable | ...
 
     @property
     def num_prefix(self) -> int:
@@ -127,14 +166,20 @@ class VisionTransformer(layers.ZooModule, kw_only=True):
             (1, self.num_prefix + grid * grid, d), self.param_dtype)
         pos = resample_pos_embed(pos, self.num_prefix, (gh, gw))
         tokens = [jnp.broadcast_to(t, (b, 1, d)).astype(self.dtype) for t in prefix] + [x.reshape(b, gh * gw, d)]
-        x = self.ops.add_embedding(jnp.concatenate(tokens, axis=1), pos.astype(self.dtype))
+        x = self.constrain(self.ops.add_embedding(jnp.concatenate(tokens, axis=1), pos.astype(self.dtype)))
         x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
-        blocks = [functools.partial(Block, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                                    drop_rate=self.drop_rate,
-                                    drop_path_rate=self.drop_path_rate * i / max(self.depth - 1, 1),
-                                    **kw)
-                  for i in range(self.depth)]
-        x = layers.Sequential(blocks, name="blocks")(x, train)
+        rates = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
+        block = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, drop_rate=self.drop_rate, **kw)
+        if self.scan_blocks:
+            stack = nn.scan(layers.remat(ScannedBlock, self.remat_policy, static_argnums=(3,), scanned=True),
+                            variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                            in_axes=(0, nn.broadcast), length=self.depth,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = stack(name="blocks", **block)(x, jnp.asarray(rates, jnp.float32), train)
+        else:
+            body = layers.remat(Block, self.remat_policy, static_argnums=(2,))
+            x = layers.Sequential([functools.partial(body, drop_path_rate=r, **block) for r in rates],
+                                  name="blocks")(x, train)
         return self.layer_norm("norm")(x)
 
 

@@ -1,4 +1,13 @@
-"""Multi-process start-up with JAX's own runtime (`jax.distributed`)."""
+"""Multi-process start-up with JAX's own runtime (`jax.distributed`).
+
+`config.distributed`:
+  auto   (default) `jax.distributed.initialize()` and JAX's own cluster detection: Cloud TPU VM
+         pods (through the metadata server), SLURM, Open MPI, Kubernetes/GKE, or the coordinator
+         that `JAX_COORDINATOR_ADDRESS` names (with `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`, as
+         `launch/local.py` sets them). Where JAX detects no cluster, a single process runs.
+  true   the same, and no cluster detected is an error
+  false  never: one process, whatever the environment says
+"""
 
 from __future__ import annotations
 
@@ -7,30 +16,32 @@ import os
 import jax
 from absl import logging
 
-# Environment variables that mean "this process is one of several" for the launchers JAX knows.
-_CLUSTER_HINTS = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
-                  "MEGASCALE_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE")
+from jaxvision.errors import UserError
+
+MODES = ("auto", "true", "false")
 
 
-def _in_cluster() -> bool:
-    if os.environ.get("SLURM_NTASKS") and int(os.environ["SLURM_NTASKS"]) < 2:
-        return False
-    return any(os.environ.get(k) for k in _CLUSTER_HINTS)
-
-
-def initialize(config) -> None:
-    """`jax.distributed.initialize()` when `config.distributed` is "true", or "auto" and the
-    environment describes a multi-process job (TPU pod, SLURM, Open MPI, or
-    `JAX_COORDINATOR_ADDRESS` with `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID` as `launch/local.py`
-    sets them; on Kubernetes set `config.distributed=true`). JAX detects the cluster's
-    coordinator, process count and rank itself."""
+def initialize(config) -> bool:
+    """Joins the cluster as `config.distributed` says; True when jax.distributed is initialized."""
     mode = str(config.distributed).lower()
-    if mode in ("false", "off") or (mode == "auto" and not _in_cluster()):
-        return
+    if mode not in MODES:
+        raise UserError(f"config.distributed must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode == "false":
+        return False
     explicit = {}
     if os.environ.get("JAX_NUM_PROCESSES"):
         explicit = {"num_processes": int(os.environ["JAX_NUM_PROCESSES"]),
                     "process_id": int(os.environ["JAX_PROCESS_ID"])}
-    jax.distributed.initialize(**explicit)
+    try:
+        jax.distributed.initialize(**explicit)
+    except ValueError as e:
+        # JAX's detection found no cluster: initialize then lacks the coordinator's address.
+        if "coordinator_address" not in str(e):
+            raise
+        if mode == "true":
+            raise UserError("config.distributed=true but JAX detects no cluster (TPU pod, SLURM, Open MPI, "
+                            "Kubernetes) and JAX_COORDINATOR_ADDRESS is not set") from None
+        return False
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
+    return True

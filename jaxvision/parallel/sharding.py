@@ -21,6 +21,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 TENSOR_AXES = ("heads", "mlp")
+# Activations, by the logical names the zoo gives them (`Ops.constrain`): the batch over the
+# data-parallel axes; the residual stream's width, the MLP's hidden units and the attention heads
+# over `tensor` (Megatron's layout, with the residual stream sharded between blocks rather than
+# replicated: the same traffic, as all-gathers and reduce-scatters, and a tensor-th of its memory).
+ACTIVATION_RULES = (("batch", ("data", "fsdp")), ("length", None), ("embed", "tensor"), ("mlp", "tensor"),
+                    ("heads", "tensor"))
 
 
 def spec_for(names: tuple, shape: tuple, mesh: Mesh, fsdp_min_size: int) -> P:

@@ -126,6 +126,9 @@ def layer_ids(model_name: str, params) -> dict:
     `group_matcher`: stem 0, one id per block in order, what a matcher marks as "with the previous
     group" (final norms, EfficientNet's head conv) merged, everything unmatched (the classifier)
     last. Parameter paths read like timm's names (`blocks.3.attn.qkv.kernel`)."""
+    if "blocks" in params and "0" not in params["blocks"]:
+        raise UserError("optim.layer_decay needs one parameter per block: set model.kwargs.scan_blocks=false "
+                        "(scanned blocks share stacked arrays)")
     matcher = registry.create(model_name).group_matcher()
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     names = [".".join(str(getattr(p, "key", p)) for p in path) for path, _ in flat]

@@ -110,6 +110,8 @@ def setup(config, *, train: bool = True, evaluate: bool = True, platform: str = 
         ops = backends.ops_for(platform, config.backend, mesh.size)
     else:
         ops = backends.for_mesh(mesh, config.backend)
+    if mesh.size > 1:  # activations laid out by the rules next to the parameters'
+        ops = dataclasses.replace(ops, mesh=mesh, activation_rules=sharding.ACTIVATION_RULES)
     teacher = None
     if config.distill.teacher:
         d = config.distill
