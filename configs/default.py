@@ -8,6 +8,7 @@ digits (8x8, upsampled to 16x16), evaluated on the 359 held-out ones: 15 epochs,
 
 `configs/default.py:vit` is the same job with a small ViT (ViT-Ti layout, 8x8 patches of the 16x16
 image, 4 heads, AdamW), e.g. to try tensor parallelism: `--config.mesh.tensor=4`.
+`configs/default.py:lenet5` trains LeNet-5 (LeCun et al. 1998) on the digits at 32x32.
 """
 
 from jaxvision.config import base
@@ -44,6 +45,15 @@ def get_config(arg=None):
         c.optim.name = "adamw"
         c.optim.lr = 1e-3
         c.optim.weight_decay = 0.05
+    elif arg == "lenet5":  # LeNet-5 on the 32x32 grayscale input it was designed for
+        c.model.name = "lenet5"
+        c.model.kwargs = {}
+        c.data.image_size = 32
+        c.num_epochs = 20.0
+        c.optim.name = "adamw"
+        c.optim.lr = 3e-3
+        c.optim.weight_decay = 1e-4
+        c.optim.warmup_steps = 20
     elif arg:
-        raise ValueError(f"configs/default.py takes no argument or 'vit', not {arg!r}")
+        raise ValueError(f"configs/default.py takes no argument, 'vit' or 'lenet5', not {arg!r}")
     return c

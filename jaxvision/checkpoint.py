@@ -259,7 +259,7 @@ def _overlay(loaded: dict, targets: dict, fresh_ok, what: str) -> tuple[dict, li
             got = source.get(keys)
             if got is not None and tuple(np.shape(got)) == tuple(target.shape):
                 return jax.device_put(np.asarray(got, target.dtype), target.sharding)
-            if keys[0] in fresh_ok:
+            if keys[0].partition(".")[0] in fresh_ok:  # torchvision's "classifier.6" too
                 fresh.append("/".join(keys))
                 return target
             problems.append(f"{collection}/{'/'.join(keys)}: checkpoint "
@@ -272,7 +272,7 @@ def _overlay(loaded: dict, targets: dict, fresh_ok, what: str) -> tuple[dict, li
 
 
 def _check_name(path: str, found: str | None, model_name: str, role: str) -> None:
-    if found is not None and found != model_name:
+    if found is not None and found.partition(".")[0] != model_name.partition(".")[0]:  # tags aside
         raise CheckpointError(f"{role} {path} holds {found} weights, not {model_name}; "
                               f"set the model name to {found} or convert {model_name} weights")
 
@@ -284,7 +284,7 @@ def init_from(path: str, model_name: str, params, batch_stats) -> tuple[Any, Any
     Returns (params, batch_stats, names of the parameters kept fresh)."""
     loaded, name = _load_variables(path)
     _check_name(path, name, model_name, "init_from")
-    loaded = {**loaded, "params": vit.match_layout(dict(loaded["params"]), params)}  # scanned ViT blocks or not
+    loaded = {**loaded, "params": vit.match_layout(dict(loaded["params"]), params)}  # ViT: layout, grid
     placed, fresh = _overlay(loaded, {"params": params, "batch_stats": batch_stats}, FRESH_OK,
                              f"init_from {path} does not fit {model_name}")
     return placed["params"], placed["batch_stats"], fresh

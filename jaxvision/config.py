@@ -16,6 +16,10 @@ def base() -> ml_collections.ConfigDict:
     c.model.kwargs = ml_collections.ConfigDict()  # passed to models.create (e.g. drop_path_rate)
     c.model.num_classes = 0  # 0: from the dataset
     c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
+    # Start from pretrained weights: a timm tag (resnet50.a1_in1k), "true" (the tag in model.name,
+    # else the architecture's default), or a local .safetensors/.pth file or folder; the weights'
+    # own preprocessing then applies. See jaxvision.models.pretrained; the alternative to init_from.
+    c.model.pretrained = ""
     # The ops the model is traced with (jaxvision.backends): auto (the CPU backend for CPU meshes
     # when jaxvision[cpu] is installed, cuDNN attention on GPU, else portable) | portable | cpu
     c.backend = "auto"
@@ -156,6 +160,7 @@ def check(c) -> None:
     UserError of one line that names the field and what it may be. Batches against the mesh are
     `mesh.check_batch`'s, which `train` runs next, before any data is read."""
     import math
+    import os
     import re
 
     from jaxvision import backends
@@ -244,4 +249,19 @@ def check(c) -> None:
             if _num(size) is None or (int(size) != -1 and int(size) < 1):
                 fail(f"{axes}.{axis}", "a positive size or -1 (the devices left)")
     choice("distributed", ("auto", "true", "false"))
+    from jaxvision import models
+
+    models.create(c.model.name, **dict(c.model.kwargs))  # an unknown model or keyword, in one line
+    if c.distill.teacher:
+        models.create(c.distill.teacher, **dict(c.distill.teacher_kwargs))
+    if c.model.pretrained and c.init_from:
+        raise UserError("set one of config.model.pretrained and config.init_from, not both")
+    if c.model.pretrained and str(c.model.pretrained).lower() != "true" and not os.path.exists(
+            os.path.expanduser(str(c.model.pretrained))):
+        from jaxvision.models import pretrained
+
+        if pretrained.split(c.model.pretrained)[0] != pretrained.split(c.model.name)[0]:
+            fail("model.pretrained", f"weights of {c.model.name} (a tag such as {c.model.name}."
+                 f"{(pretrained.tags(c.model.name) or ['...'])[0]}), true, or a local file or folder")
+        pretrained.resolve(c.model.pretrained)  # a known tag, else a one-line error listing them
     number("calibrate.accept", 0, 1, low_open=True, high_open=True)

@@ -43,9 +43,11 @@ def variables(s: setup_lib.Setup, workdir: str):
     if restored:
         weights, _, step = restored
         return weights, shardings.variables(), step
-    if not config.init_from:
+    source = setup_lib.initial_weights(config)
+    if not source:
         where = ckpts.directory if os.path.isdir(workdir) else f"{workdir} (no such directory)"
-        raise checkpoint.CheckpointError(f"no trained model: no checkpoint in {where} and no config.init_from")
+        raise checkpoint.CheckpointError(f"no trained model: no checkpoint in {where}, no config.init_from "
+                                         "and no config.model.pretrained")
 
     def init():
         images = jnp.zeros((1, s.image_size, s.image_size, 3), jnp.float32)
@@ -53,10 +55,9 @@ def variables(s: setup_lib.Setup, workdir: str):
         return {"params": fresh["params"], "batch_stats": fresh.get("batch_stats", {})}
 
     fresh = jax.jit(init, out_shardings=shardings.variables())()
-    params, stats, heads = checkpoint.init_from(config.init_from, config.model.name, fresh["params"],
-                                                fresh["batch_stats"])
+    params, stats, heads = checkpoint.init_from(source, config.model.name, fresh["params"], fresh["batch_stats"])
     if heads:
-        raise checkpoint.CheckpointError(f"init_from {config.init_from} has no head for "
+        raise checkpoint.CheckpointError(f"{source} has no head for "
                                          f"{s.num_classes} classes; this mode needs a trained head")
     return {"params": params, "batch_stats": stats}, shardings.variables(), None
 

@@ -126,9 +126,14 @@ def test_command_line_writes_weights_the_trainer_can_load(tmp_path, suffix):
         from safetensors.torch import save_file
         save_file(ref_model.state_dict(), path)
     out = tmp_path / "converted"
-    assert convert.main(["--model", "resnet18", "--checkpoint", path, "--out", str(out)]) == 0
+    name = "resnet18" if suffix == ".pth" else "resnet18.a1_in1k"  # a tag brings its preprocessing
+    assert convert.main(["--model", name, "--checkpoint", path, "--out", str(out)]) == 0
     meta = json.loads((out / "model.json").read_text())
-    assert meta == {"model": "resnet18", "num_classes": 5, "params": 11_179_077}
+    assert {k: meta[k] for k in ("model", "num_classes", "params", "source")} == {
+        "model": "resnet18", "num_classes": 5, "params": 11_179_077, "source": path}
+    assert meta["preprocessing"] == {"input_size": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                                     **({"crop_pct": 0.875, "interpolation": "bilinear"} if suffix == ".pth"
+                                        else {"crop_pct": 0.95, "interpolation": "bicubic"})}
     variables = ocp.StandardCheckpointer().restore(str(out / "variables"))
     x = np.random.RandomState(1).randn(2, 3, 32, 32).astype(np.float32)
     with torch.no_grad():

@@ -34,6 +34,9 @@ REFERENCE_PARAMS.update({
     "tf_efficientnet_lite0": 4_652_008, "resnext50_32x4d": 25_028_904, "resnet50d": 25_576_264,
     "vgg16": 138_357_544, "vgg16_bn": 138_365_992, "inception_v3": 23_834_568,
 })
+# The seeds' historical networks: torchvision's counts (GoogLeNet with aux_logits=False, as its
+# weights are served); LeNet-5's classic 61,706.
+REFERENCE_PARAMS.update({"lenet5": 61_706, "alexnet": 61_100_840, "googlenet": 6_624_904})
 
 # One small model per family for the forward tests.
 FAMILY_REPS = ["resnet18", "efficientnet_b0", "tf_efficientnet_b0", "mobilenetv2_100",
@@ -58,7 +61,7 @@ def test_every_reference_name_is_registered_and_nothing_else():
 
 @pytest.mark.parametrize("name", sorted(REFERENCE_PARAMS))
 def test_parameter_count_matches_reference(name):
-    shapes = models.init_shapes(models.create(name), image_size=32)
+    shapes = models.init_shapes(models.create(name), image_size=64 if name == "alexnet" else 32)  # AlexNet: >= 63 px
     assert models.count_params(shapes["params"]) == REFERENCE_PARAMS[name]
 
 

@@ -182,6 +182,7 @@ def test_bad_numbers_are_one_line_before_anything_is_built(override, message, tm
     (["--config.batch_size=abc"], "batch_size"),
     (["--mode", "foo"], "--mode"),
     (["--config.no_such_field=1"], "no field 'no_such_field'"),
+    (["--config.model.kwargs.no_such_field=1", "--mode", "plan"], "resnet18 does not take no_such_field"),
 ])
 def test_bad_flags_are_one_line(args, message, tmp_path):
     out = subprocess.run([sys.executable, "-m", "jaxvision.main", "--config", "configs/default.py",

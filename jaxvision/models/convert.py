@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import pickle
+import re
 import sys
 import zipfile
 from typing import Any, Mapping
@@ -24,8 +25,8 @@ import flax
 import numpy as np
 
 from jaxvision.errors import UserError
-from jaxvision.models import vit
-from jaxvision.models.registry import HEAD_NAMES, create
+from jaxvision.models import pretrained, vit
+from jaxvision.models.registry import HEAD_NAMES, create, model_card
 from jaxvision.models.util import count_params, init_shapes
 
 _PREFIX_TOKENS = ("cls_token", "dist_token")
@@ -48,11 +49,13 @@ def to_numpy(value: Any) -> np.ndarray:
 
 
 def infer_num_classes(state_dict: Mapping[str, Any]) -> int:
-    """Classes of the checkpoint's classifier (0 if it was saved without one)."""
+    """Classes of the checkpoint's classifier (0 if it was saved without one): its `head.weight`,
+    `head.fc.weight`, or the last linear layer of a torchvision `classifier.<i>` Sequential."""
     for head in HEAD_NAMES:
-        for key in (f"{head}.weight", f"{head}.fc.weight"):
-            if key in state_dict:
-                return int(state_dict[key].shape[0])
+        keys = [k for k in state_dict if re.fullmatch(rf"{head}(\.fc|\.\d+)?\.weight", k)
+                and len(state_dict[k].shape) == 2]
+        if keys:
+            return int(state_dict[keys[-1]].shape[0])
     return 0
 
 
@@ -80,9 +83,13 @@ def _fit(value: np.ndarray, target_shape: tuple, leaf: str, num_prefix: int) -> 
 def from_torch(name: str, state_dict: Mapping[str, Any], **overrides) -> dict:
     """Map a timm state dict (torch tensors or numpy arrays) to ``{"params", "batch_stats"}`` for
     ``create(name, **overrides)`` (ViT's `scan_blocks=True` included: its blocks stacked). The
-    number of classes is read from the checkpoint's head unless given. Raises `ConversionError`
-    naming every missing, unexpected and mis-shaped key."""
+    number of classes is read from the checkpoint's head unless given, and a ViT's image size from
+    its position embedding. Raises `ConversionError` naming every missing, unexpected and
+    mis-shaped key."""
     overrides.setdefault("num_classes", infer_num_classes(state_dict))
+    if "pos_embed" in state_dict and "patch_embed.proj.weight" in state_dict:  # ViT: the size it was saved at
+        tokens = state_dict["pos_embed"].shape[1] - sum(t in state_dict for t in _PREFIX_TOKENS)
+        overrides.setdefault("img_size", int(round(tokens ** 0.5)) * state_dict["patch_embed.proj.weight"].shape[-1])
     scan = overrides.pop("scan_blocks", False)  # converted in timm's layout, then stacked
     model = create(name, **overrides)
     shapes = init_shapes(model, image_size=32)
@@ -190,8 +197,10 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     return dict(obj)
 
 
-def save_converted(out_dir: str, name: str, variables: dict, num_classes: int) -> None:
-    """Write converted weights as an orbax checkpoint plus `model.json`; the trainer's
+def save_converted(out_dir: str, name: str, variables: dict, num_classes: int, *,
+                   preprocessing: dict | None = None, source: str = "") -> None:
+    """Write converted weights as an orbax checkpoint plus `model.json` (with the weights'
+    `preprocessing` when known: every mode then feeds them as they were trained); the trainer's
     `config.init_from` reads this directory."""
     import orbax.checkpoint as ocp
 
@@ -203,7 +212,8 @@ def save_converted(out_dir: str, name: str, variables: dict, num_classes: int) -
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(target, variables)
     checkpointer.wait_until_finished()
-    meta = {"model": name, "num_classes": num_classes, "params": count_params(variables["params"])}
+    meta = {"model": name, "num_classes": num_classes, "params": count_params(variables["params"]),
+            "source": source, "preprocessing": preprocessing or {}}
     with open(os.path.join(out_dir, "model.json"), "w") as f:
         json.dump(meta, f, indent=2)
 
@@ -211,14 +221,18 @@ def save_converted(out_dir: str, name: str, variables: dict, num_classes: int) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="zoo name, e.g. resnet50")
+    parser.add_argument("--model", required=True, help="zoo name, e.g. resnet50, or the weights' tag, e.g. "
+                        "resnet50.a1_in1k, whose preprocessing then goes into model.json")
     parser.add_argument("--checkpoint", required=True, help="timm weights: .pth/.pt/.bin or .safetensors")
     parser.add_argument("--out", required=True, help="directory to write (orbax checkpoint + model.json)")
     args = parser.parse_args(argv)
     try:
+        arch = pretrained.split(args.model)[0]
+        card = model_card(args.model, feature_info=False)  # a tag's preprocessing, else the architecture's
         state_dict = load_state_dict(args.checkpoint)
-        variables = from_torch(args.model, state_dict)
-        save_converted(args.out, args.model, variables, infer_num_classes(state_dict))
+        variables = from_torch(arch, state_dict)
+        save_converted(args.out, arch, variables, infer_num_classes(state_dict), source=args.checkpoint,
+                       preprocessing={k: getattr(card, k) for k in pretrained.PREPROCESSING})
     except (UserError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

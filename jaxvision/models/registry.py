@@ -60,6 +60,8 @@ def register(card: ModelCard, module: type[nn.Module], **arch) -> None:
 
 
 def _entry(name: str) -> _Entry:
+    """The architecture's entry; a weight tag ("resnet50.a1_in1k") names its architecture."""
+    name = name.partition(".")[0]
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -78,16 +80,21 @@ def list_models(pattern: str = "*") -> list[str]:
 def model_card(name: str, feature_info: bool = True) -> ModelCard:
     """The card of `name`; for models with `features_only`, `feature_info` lists every feature
     map's (channels, stride) at the card's input size, derived from the model (shapes only:
-    `feature_info=False` skips that tracing)."""
-    entry = _entry(name)
-    if "features_only" not in entry.fields() or not feature_info:
-        return entry.card
-    from jaxvision.models import util
+    `feature_info=False` skips that tracing). A weight tag ("resnet50.a1_in1k") gives the card
+    with that tag's preprocessing and classes."""
+    from jaxvision.models import pretrained, util
 
-    maps = util.output_shapes(create(name, features_only=True), entry.card.input_size)  # every map
+    entry = _entry(name)
+    card = entry.card
+    if pretrained.split(name)[1]:
+        _, _, cfg = pretrained.resolve(name)
+        card = dataclasses.replace(pretrained.with_preprocessing(card, cfg), num_classes=cfg["num_classes"])
+    if "features_only" not in entry.fields() or not feature_info:
+        return card
+    maps = util.output_shapes(create(name, features_only=True), card.input_size)  # every map
     # nominal strides (powers of two), as timm reports them, also for Inception's valid convs
-    info = tuple((m.shape[-1], 2 ** round(math.log2(entry.card.input_size / m.shape[1]))) for m in maps)
-    return dataclasses.replace(entry.card, feature_info=info)
+    info = tuple((m.shape[-1], 2 ** round(math.log2(card.input_size / m.shape[1]))) for m in maps)
+    return dataclasses.replace(card, feature_info=info)
 
 
 def architecture(name: str) -> dict:
@@ -95,12 +102,34 @@ def architecture(name: str) -> dict:
     return dict(_entry(name).arch)
 
 
-def create(name: str, **overrides) -> nn.Module:
-    """Build the Flax module registered as `name`; `overrides` set its fields (num_classes, dtype,
-    param_dtype, drop_rate, drop_path_rate, img_size for ViT, ops: see `jaxvision.models.ops`)."""
+def create(name: str, pretrained: bool | str = False, api: str = "linen", **overrides):
+    """Build the Flax module registered as `name` (timm's name, optionally with a weight tag:
+    "resnet50.a1_in1k"); `overrides` set its fields (num_classes, dtype, param_dtype, drop_rate,
+    drop_path_rate, features_only, img_size for ViT, ops: see `jaxvision.models.ops`).
+
+    With `pretrained` (True: the tag in `name`, else the architecture's default; or a tag, a
+    local file or folder; see `jaxvision.models.pretrained`) returns (module, variables): the
+    weights converted and cached on first use, the head initialised afresh when `num_classes`
+    differs from the weights' (as timm's `reset_classifier`), none with `features_only`.
+
+    `api="nnx"` returns a Flax NNX module instead (`jaxvision.nnx.Model`), initialised, or
+    holding the pretrained weights."""
+    if api not in ("linen", "nnx"):
+        raise UserError(f"api must be linen or nnx, not {api!r}")
     entry = _entry(name)
     bad = sorted(set(overrides) - entry.fields())
     if bad:
         raise UserError(f"{name} does not take {', '.join(bad)}; "
                          f"it takes: {', '.join(sorted(entry.fields() - set(entry.arch)))}")
-    return entry.module(**{**entry.arch, "num_classes": entry.card.num_classes, **overrides})
+    card = model_card(name, feature_info=False)
+    module = entry.module(**{**entry.arch, "num_classes": card.num_classes, **overrides})
+    variables, size = None, overrides.get("img_size") or card.input_size
+    if pretrained:
+        from jaxvision.models import pretrained as weights
+
+        variables = weights.load(module, name, pretrained, size)
+    if api == "nnx":
+        from jaxvision import nnx
+
+        return nnx.Model(module, image_size=size, variables=variables)
+    return (module, variables) if pretrained else module

@@ -51,7 +51,13 @@ def scanned(params: dict) -> bool:
 
 
 def match_layout(params: dict, like: dict) -> dict:
-    """`params` in the blocks layout (scanned or not) of `like`, for restoring across layouts."""
+    """`params` in the blocks layout (scanned or not) of `like`, with its position embedding
+    resampled to `like`'s patch grid (fine-tuning at another resolution, as timm does)."""
+    pos, want = params.get("pos_embed"), like.get("pos_embed")
+    if pos is not None and want is not None and pos.shape != want.shape and pos.shape[-1] == want.shape[-1]:
+        num_prefix = sum(t in like for t in ("cls_token", "dist_token"))
+        grid = int(round((want.shape[1] - num_prefix) ** 0.5))
+        params = {**params, "pos_embed": resample_pos_embed(pos, num_prefix, (grid, grid))}
     if "blocks" not in params or "blocks" not in like or scanned(params) == scanned(like):
         return params
     return stack_blocks(params) if scanned(like) else unstack_blocks(params)

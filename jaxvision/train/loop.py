@@ -27,7 +27,7 @@ from jaxvision.parallel import preemption, sharding
 from jaxvision.train import evaluate as eval_lib
 from jaxvision.train import optim
 from jaxvision.train import step as step_lib
-from jaxvision.train.setup import Setup, eval_transform, identity, setup, train_transform
+from jaxvision.train.setup import Setup, eval_transform, identity, initial_weights, setup, train_transform
 from jaxvision.train.writer import MetricWriter, evaluations, table
 
 def total_steps(config, train_size: int) -> int:
@@ -159,12 +159,12 @@ def _train(config, workdir: str, wall_start: float) -> dict:
         logging.info("resuming from step %d in %s", start, ckpts.directory)
     else:
         state, start = jax.jit(init, out_shardings=shardings)(), 0
-        if config.init_from:
-            params, stats, heads = checkpoint.init_from(config.init_from, config.model.name,
-                                                        state.params, state.batch_stats)
+        source = initial_weights(config)
+        if source:
+            params, stats, heads = checkpoint.init_from(source, config.model.name, state.params, state.batch_stats)
             ema = None if state.ema is None else {"params": params, "batch_stats": stats}
             state = state.replace(params=params, batch_stats=stats, ema=ema)
-            logging.info("initialised from %s (new head: %s)", config.init_from, heads or "none")
+            logging.info("initialised from %s (new head: %s)", source, heads or "none")
     train_step = jit_train_step(s, tx, shapes, shardings)
     eval_step = jit_eval_step(s, shardings.variables())
     teacher = load_teacher(s)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxvision import backends, config as config_lib, models
+from jaxvision.models import pretrained
 from jaxvision.data import sources, transforms
 from jaxvision.errors import UserError
 from jaxvision.parallel import mesh as mesh_lib
@@ -104,7 +105,8 @@ def setup(config, *, train: bool = True, evaluate: bool = True, platform: str = 
                                     f"{num_classes}; set config.model.num_classes={src.num_classes}")
     if config.model.dtype not in DTYPES:
         raise UserError(f"config.model.dtype must be one of {', '.join(DTYPES)}")
-    card = models.model_card(config.model.name)
+    card = pretrained.card_for(models.model_card(config.model.name), config.model.name,
+                               config.model.pretrained or config.init_from)  # the weights' preprocessing
     kwargs = dict(config.model.kwargs)
     if platform:
         ops = backends.ops_for(platform, config.backend, mesh.size)
@@ -146,3 +148,11 @@ def eval_transform(s: Setup) -> transforms.EvalTransform:
 def identity(s: Setup) -> dict:
     """What a checkpoint must match to be resumed by this config."""
     return {"model": s.config.model.name, "num_classes": s.num_classes}
+
+
+def initial_weights(config) -> str:
+    """The weights folder a run starts from, and weightless modes fall back on: `init_from`, or
+    the `model.pretrained` weights, fetched and converted on first use; "" for none."""
+    if config.model.pretrained:
+        return pretrained.weights_dir(config.model.name, config.model.pretrained)
+    return config.init_from
