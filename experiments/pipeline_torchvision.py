@@ -1,0 +1,92 @@
+"""Host input pipeline at 224 px, images/s per core: jaxvision's grain pipeline against
+torchvision's `ImageFolder` + `DataLoader` doing the same transforms with the same worker counts,
+alternating in one run, on a folder of ImageNet-like JPEGs (`experiments/make_imagenet_like.py`).
+
+    python experiments/pipeline_torchvision.py /tmp/imagenet_like [--seconds 10] [--workers 1 2]
+
+Training: random-resized-crop to 224 (bilinear, as torchvision) + flip, with and without
+RandAugment (rand-m9-mstd0.5; torchvision: two ops at magnitude 9).
+Evaluation: resize the short side to 256 + centre crop 224. Both output uint8 (jaxvision keeps
+images uint8 on the host; torchvision's `PILToTensor`). jaxvision's training runs `workers` grain
+processes of one read thread each; its evaluation has no worker processes, so it runs `workers`
+read threads instead. Per core = images/s / workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+from absl import flags
+import torchvision.transforms.v2 as T
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+
+from jaxvision.data import pipeline, sources, transforms
+
+BATCH = 32
+
+
+def rate(batches, seconds: float) -> float:
+    """Images/s of an endless batch iterator, after its first batch (start-up) is out."""
+    next(batches)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        batch = next(batches)
+        n += len(batch["label"] if isinstance(batch, dict) else batch[1])  # grain's dict, torch's tuple
+    return n / (time.perf_counter() - start)
+
+
+def forever(make):
+    while True:
+        yield from make()
+
+
+def jaxvision_batches(folder: str, kind: str, workers: int, randaugment: str):
+    source = sources.FolderSource(folder, "all")
+    if kind == "train":
+        t = transforms.TrainTransform(224, "rrc_flip", interpolation="bilinear", randaugment=randaugment)
+        return pipeline.train_batches(source, t, batch_size=BATCH, seed=0, threads=1, workers=workers)
+    t = transforms.EvalTransform(224, 0.875, "bilinear")
+    return forever(lambda: pipeline.eval_batches(source, t, batch_size=BATCH, threads=workers))
+
+
+def torchvision_batches(folder: str, kind: str, workers: int, randaugment: str):
+    if kind == "train":
+        steps = [T.RandomResizedCrop(224, antialias=True), T.RandomHorizontalFlip()]
+        steps += [T.RandAugment(num_ops=2, magnitude=9)] if randaugment else []
+    else:
+        steps = [T.Resize(256, antialias=True), T.CenterCrop(224)]
+    data = ImageFolder(folder, transform=T.Compose(steps + [T.PILToTensor()]))
+    loader = DataLoader(data, batch_size=BATCH, shuffle=kind == "train", num_workers=workers,
+                        persistent_workers=True, drop_last=True)
+    return forever(lambda: iter(loader))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder")
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+    flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
+    torch.set_num_threads(1)
+    rows = []
+    for kind, ra in (("train", ""), ("train", "rand-m9-mstd0.5"), ("eval", "")):
+        for workers in args.workers:
+            got = {}
+            for name, make in (("jaxvision", jaxvision_batches), ("torchvision", torchvision_batches)):
+                got[name] = rate(make(args.folder, kind, workers, ra), args.seconds) / workers
+            rows.append((f"{kind}{' + RandAugment' if ra else ''}", workers, got["jaxvision"], got["torchvision"]))
+            print(rows[-1], flush=True)
+    print(f"\n# Host pipeline at 224 px, images/s per core (`python experiments/pipeline_torchvision.py "
+          f"{args.folder} --seconds {args.seconds:g}`), {os.cpu_count()} cores, batch {BATCH}\n")
+    print("| transforms | workers | jaxvision / core | torchvision / core | ratio |\n|---|---:|---:|---:|---:|")
+    for kind, workers, jv, tv in rows:
+        print(f"| {kind} | {workers} | {jv:.0f} | {tv:.0f} | {jv / tv:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
