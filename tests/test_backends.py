@@ -40,6 +40,7 @@ FAMILIES = [
     ("convnext_tiny", 64, {}),
     ("swin_tiny_patch4_window7_224", 56, {}),
     ("vgg16_bn", 32, {}),
+    ("googlenet", 75, {}),  # the classic family: ceil-mode pooling at odd sizes
     ("inception_v3", 75, {}),
 ]
 
@@ -151,7 +152,8 @@ def test_model_files_read_as_plain_flax():
     """The zoo's model files import jax, flax, numpy, the standard library and the zoo's own
     modules, nothing platform-specific."""
     libraries = {"jax", "flax", "numpy", "__future__", "functools", "math", "typing", "dataclasses", "re"}
-    for name in ("resnet", "efficientnet", "mobilenet", "vit", "convnext", "swin", "vgg", "inception", "layers"):
+    for name in ("resnet", "efficientnet", "mobilenet", "vit", "convnext", "swin", "vgg", "inception", "classic",
+                 "layers"):
         tree = ast.parse(open(os.path.join(ROOT, "jaxvision", "models", f"{name}.py")).read())
         imported = [a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names]
         imported += [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
