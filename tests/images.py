@@ -1,4 +1,4 @@
-"""Image folders the tests make for themselves (no test reads ../shared): `root/<class>/<n>.jpg`
+"""Image folders the tests make for themselves (no test reads data from outside the repository): `root/<class>/<n>.jpg`
 (every `png_every`-th a PNG), each class a colour and a shape on a noisy background at a random
 place and size, so that a small network learns them in a few steps and a flipped or cropped view
 still looks like its class."""

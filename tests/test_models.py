@@ -10,7 +10,7 @@ import pytest
 
 from jaxvision import models
 
-# ../shared/reference/model-zoo.md (timm 1.0.31, pretrained=False, 1000 classes).
+# timm 1.0.31's counts (pretrained=False, 1000 classes).
 REFERENCE_PARAMS = {
     "resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,
     "resnet101": 44_549_160, "resnet152": 60_192_808,

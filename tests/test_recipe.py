@@ -15,7 +15,7 @@ from jaxvision.data import augment, pipeline, sources, transforms
 from jaxvision.train import evaluate, losses, loop, optim
 from tests.test_engine import final_params, losses as logged_losses, tiny
 
-# ../shared/reference/model-zoo.md: (number of ids, smallest scale at decay 0.75)
+# timm 1.0.31's layer-decay grouping: (number of ids, smallest scale at decay 0.75)
 LAYER_DECAY_REFERENCE = {
     "vit_base_patch16_224": (14, 0.75 ** 13), "resnet50": (18, 0.75 ** 17),
     "efficientnet_b0": (18, 0.75 ** 17), "mobilenetv3_large_100": (18, 0.75 ** 17),

@@ -22,6 +22,11 @@ from jaxvision.models.registry import HALF, ModelCard, register
 from jaxvision.models.vgg import adaptive_avg_pool
 
 
+# Layer-decay groups of torchvision's `features` / `classifier` Sequentials: the first conv, then
+# every numbered layer in order.
+SEQUENTIAL_GROUPS = {"stem": r"^features\.0", "blocks": r"^(?:features|classifier)\.(\d+)"}
+
+
 def flatten_chw(x):
     """NHWC -> (batch, C*H*W) in PyTorch's order, so a converted first linear layer applies as is."""
     return x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)
@@ -42,7 +47,7 @@ class LeNet5(layers.ZooModule, kw_only=True):
     drop_rate: float = 0.0
 
     def group_matcher(self) -> dict:
-        return {"stem": r"^features\.0", "blocks": r"^(?:features|classifier)\.(\d+)"}
+        return SEQUENTIAL_GROUPS
 
     @nn.compact
     def __call__(self, x, train: bool = False, pre_logits: bool = False):
@@ -67,7 +72,7 @@ class AlexNet(layers.ZooModule, kw_only=True):
     drop_rate: float = 0.5
 
     def group_matcher(self) -> dict:
-        return {"stem": r"^features\.0", "blocks": r"^(?:features|classifier)\.(\d+)"}
+        return SEQUENTIAL_GROUPS
 
     @nn.compact
     def __call__(self, x, train: bool = False, pre_logits: bool = False):

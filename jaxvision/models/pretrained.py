@@ -66,12 +66,17 @@ def with_preprocessing(card: ModelCard, source: dict) -> ModelCard:
     return dataclasses.replace(card, **given)
 
 
+def _named(name: str, weights: str | bool) -> str:
+    """`weights` as a tag, path or "": True (or "true", from the command line) means `name`."""
+    if weights is True or str(weights).lower() == "true":
+        return name
+    return os.path.expanduser(str(weights or ""))
+
+
 def card_for(card: ModelCard, name: str, weights: str | bool = "") -> ModelCard:
     """The card of model `name` fed with `weights` (as `weights_dir` takes them, or a workdir;
     "" for none): a tag's or a folder's preprocessing wins over the architecture's."""
-    if weights is True or str(weights).lower() == "true":
-        weights = name
-    weights = os.path.expanduser(str(weights or ""))
+    weights = _named(name, weights)
     if os.path.isdir(weights):
         return with_preprocessing(card, _folder_preprocessing(weights))
     if weights and not os.path.exists(weights) and split(weights)[0] == split(name)[0]:
@@ -121,9 +126,7 @@ def weights_dir(name: str, pretrained: str | bool = True) -> str:
     names for model `name`: True (the tag in `name`, else the architecture's default), a tag, a
     local .safetensors/.pth file, a folder holding one, or an already converted folder."""
     arch = split(name)[0]
-    if pretrained is True or pretrained in ("true", "True"):
-        pretrained = name
-    pretrained = os.path.expanduser(str(pretrained))
+    pretrained = _named(name, pretrained)
     if os.path.isdir(pretrained):
         if os.path.exists(os.path.join(pretrained, "model.json")):
             return pretrained
