@@ -7,7 +7,7 @@ gradient (docs/performance.md); PyTorch runs all of these through oneDNN. `onedn
 oneDNN's forward, input-gradient and kernel-gradient convolutions, its matrix multiply (dense
 layers, attention's batched products) and its LayerNorm for jitted JAX code, spreading each call
 over XLA's own intra-op threads. It is compiled with the system's C++ compiler on first use
-(about 3 s) into `~/.cache/jaxvision/native/<hash>/` and reused by every later process.
+(about 3 s, `jaxvision/compiled.py`) and reused by every later process.
 
 Needs x86-64 Linux, oneDNN's library and headers (the `cpu` extra installs them from PyPI:
 onednn-cpu-gomp, onednn-devel-cpu-gomp) and a C++17 compiler. Where MKL is installed too (the
@@ -22,18 +22,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import glob
-import hashlib
-import logging
 import os
 import platform
 import shutil
-import subprocess
 import sys
-import tempfile
-import time
 
 import jax
 
+from jaxvision import compiled
 from jaxvision.errors import UserError
 
 INSTALL = "pip install 'jaxvision[cpu]'"
@@ -43,7 +39,6 @@ TARGETS = {f"jaxvision_{name}": f"Jaxvision{symbol}" for name, symbol in [
     ("conv_fwd", "ConvForward"), ("conv_bwd_data", "ConvBackwardData"), ("conv_bwd_weights", "ConvBackwardWeights"),
     ("matmul", "Matmul"), ("layer_norm_fwd", "LayerNormForward"), ("layer_norm_bwd", "LayerNormBackward"),
     ("attention_fwd", "AttentionForward"), ("attention_bwd", "AttentionBackward")]}
-log = logging.getLogger(__name__)
 
 
 class Unavailable(UserError):
@@ -81,20 +76,15 @@ def _find_mkl(roots: list[str]) -> str | None:
     return None
 
 
-def _cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "jaxvision", "native")
-
-
-def _compile(out: str, compiler: str, include: str, libdir: str, mkl: str | None) -> None:
-    cmd = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", SOURCE, f"-I{include}",
-           f"-I{jax.ffi.include_dir()}", f"-L{libdir}", "-ldnnl", "-lgomp", f"-Wl,-rpath,{libdir}", "-o", out]
-    if mkl:  # linked by file name: the PyPI wheel ships libmkl_rt.so.N without the unversioned link
-        folder = os.path.dirname(mkl)
-        cmd[-2:-2] = ["-DJAXVISION_MKL", f"-L{folder}", f"-l:{os.path.basename(mkl)}", f"-Wl,-rpath,{folder}"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        raise Unavailable(f"compiling {SOURCE} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
+def _command(compiler: str, include: str, libdir: str, mkl: str | None):
+    def command(out: str) -> list[str]:
+        cmd = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", SOURCE, f"-I{include}",
+               f"-I{jax.ffi.include_dir()}", f"-L{libdir}", "-ldnnl", "-lgomp", f"-Wl,-rpath,{libdir}", "-o", out]
+        if mkl:  # linked by file name: the PyPI wheel ships libmkl_rt.so.N without the unversioned link
+            folder = os.path.dirname(mkl)
+            cmd[-2:-2] = ["-DJAXVISION_MKL", f"-L{folder}", f"-l:{os.path.basename(mkl)}", f"-Wl,-rpath,{folder}"]
+        return cmd
+    return command
 
 
 def build(cache_dir: str | None = None) -> str:
@@ -109,30 +99,12 @@ def build(cache_dir: str | None = None) -> str:
     if not compiler:
         raise Unavailable("no C++ compiler (c++, g++ or $CXX) to build the oneDNN kernels: install one "
                           "(Debian/Ubuntu: apt install g++)")
-    with open(SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + "|".join([jax.__version__, include, os.path.realpath(
-            os.path.join(libdir, "libdnnl.so")), compiler, mkl or ""]).encode()).hexdigest()[:16]
-    folder = os.path.join(cache_dir or _cache_dir(), key)
-    path = os.path.join(folder, "libjaxvision_onednn.so")
-    if os.path.exists(path):
-        return path
-    import fcntl
-    os.makedirs(folder, exist_ok=True)
-    with open(path + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one build when several processes start together
-        if not os.path.exists(path):
-            log.warning("jaxvision: compiling the oneDNN CPU kernels once (a few seconds) into %s", folder)
-            start = time.perf_counter()
-            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so")
-            os.close(fd)
-            try:
-                _compile(tmp, compiler, include, libdir, mkl)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-            log.warning("jaxvision: oneDNN CPU kernels built in %.1f s", time.perf_counter() - start)
-    return path
+    key = "|".join([jax.__version__, include, os.path.realpath(os.path.join(libdir, "libdnnl.so")), compiler, mkl or ""])
+    try:
+        return compiled.shared_library(SOURCE, "libjaxvision_onednn.so", _command(compiler, include, libdir, mkl),
+                                       key, "the oneDNN CPU kernels", cache_dir)
+    except compiled.BuildError as e:
+        raise Unavailable(str(e)) from None
 
 
 @functools.cache
