@@ -32,8 +32,8 @@ def get_config(arg=None):
     c.data.augment = "rrc_flip"
     c.data.randaugment = "rand-m9-mstd0.5"
     c.data.reprob = 0.25
-    c.data.threads = 16
-    c.data.workers = 8
+    c.data.threads = 2  # per worker process
+    c.data.workers = -1  # one per host core
 
     c.batch_size = 1024
     c.num_epochs = 300.0

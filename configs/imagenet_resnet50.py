@@ -27,8 +27,8 @@ def get_config(arg=None):
     c.data.train_split = "train"
     c.data.eval_split = "validation"
     c.data.augment = "rrc_flip"
-    c.data.threads = 16
-    c.data.workers = 8
+    c.data.threads = 2  # per worker process
+    c.data.workers = -1  # one per host core
 
     c.batch_size = 1024
     c.num_epochs = 90.0

@@ -47,7 +47,7 @@ def step_times(folder, rounds=5, steps=10):
         init, shapes, shardings = s.abstract_state(tx)
         states[name] = jax.jit(init, out_shardings=shardings)()
         fns[name] = loop.jit_train_step(s, tx, shapes, shardings)
-    host = pipeline.train_batches(s.train_source, loop.train_transform(s), batch_size=128, seed=0)
+    host = iter(pipeline.train_batches(s.train_source, loop.train_transform(s), batch_size=128, seed=0))
     batches = [pipeline.to_global(next(host), s.mesh) for _ in range(steps)]
     times = {"off": [], "on": []}
     for r in range(rounds + 1):  # round 0 warms up (compiles)

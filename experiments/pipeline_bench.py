@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def host_rate(source, transform, batch: int, seconds: float, threads: int) -> float:
-    it = pipeline.train_batches(source, transform, batch_size=batch, seed=0, threads=threads)
+    it = iter(pipeline.train_batches(source, transform, batch_size=batch, seed=0, threads=threads))
     next(it)  # start-up
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -56,7 +56,8 @@ def step_rate(config, steps: int = 20) -> float:
     init, shapes, shardings = s.abstract_state(tx)
     state = jax.jit(init, out_shardings=shardings)()
     step = loop.jit_train_step(s, tx, shapes, shardings)
-    host = pipeline.train_batches(s.train_source, loop.train_transform(s), batch_size=config.batch_size, seed=0)
+    host = iter(pipeline.train_batches(s.train_source, loop.train_transform(s), batch_size=config.batch_size,
+                                       seed=0))
     batches = [pipeline.to_global(next(host), s.mesh) for _ in range(4)]
     state, m = step(state, batches[0], None)
     jax.block_until_ready(m)

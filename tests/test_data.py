@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
-from jaxvision.data import pipeline, sources, transforms
+from jaxvision.data import decode, folder_to_tfds, pipeline, sources, transforms
 from tests.images import image_folder as make_folder
 
 
@@ -50,15 +49,24 @@ def test_bad_dataset_names_and_paths_give_clear_errors(tmp_path):
         sources.open_source("tfds:cifar10", "train", data_dir=str(tmp_path / "tfds"))
 
 
-def test_tfds_source_with_random_image_shapes_batches_to_one_shape():
-    with tfds.testing.mock_data(num_examples=12):
-        src = sources.open_source("tfds:imagenet2012", "train")
-        assert src.num_classes == 1000
-        batch = next(pipeline.train_batches(src, transforms.TrainTransform(24), batch_size=4, seed=0))
+def test_an_image_folder_built_as_tfds_array_record_reads_like_the_folder(tmp_path):
+    """folder_to_tfds writes the files as they are (no TensorFlow); the TFDS source hands them to
+    the transforms still encoded and decodes to the folder's pixels."""
+    root = make_folder(tmp_path / "data", per_class=4, size=(40, 52))
+    folder_to_tfds.build(str(root), str(tmp_path / "tfds"), "tiny_folder")
+    src = sources.open_source("tfds:tiny_folder", "train", data_dir=str(tmp_path / "tfds"))
+    folder = sources.FolderSource(str(root), "all")
+    assert src.class_names == folder.class_names and len(src) == len(folder)
+    assert isinstance(src.raw(0)["image"], decode.EncodedImage)
+    by_bytes = {src.raw(i)["image"].data: src.raw(i)["label"] for i in range(len(src))}
+    for i in range(len(folder)):  # TFDS shuffles the records; every file is there with its label
+        assert by_bytes[folder.raw(i)["image"].data] == folder.labels[i]
+    batch = next(iter(pipeline.train_batches(src, transforms.TrainTransform(24), batch_size=4, seed=0)))
     assert batch["image"].shape == (4, 24, 24, 3) and batch["image"].dtype == np.uint8
 
 
-def _take(it, n):
+def _take(batches, n):
+    it = iter(batches)
     return [next(it) for _ in range(n)]
 
 
@@ -70,7 +78,7 @@ def test_train_batches_are_a_pure_function_of_seed_and_step():
     for x, y in zip(a[45:], b):
         np.testing.assert_array_equal(x["image"], y["image"])
         np.testing.assert_array_equal(x["label"], y["label"])
-    c = next(pipeline.train_batches(src, tf, batch_size=32, seed=4))
+    c = next(iter(pipeline.train_batches(src, tf, batch_size=32, seed=4)))
     assert not np.array_equal(a[0]["label"], c["label"])
     # Epoch 2 is a new permutation of the same examples.
     per_epoch = len(src) // 32

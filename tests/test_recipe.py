@@ -176,12 +176,14 @@ def test_balanced_class_weights_and_sampling():
     src = sources.ArraySource(np.zeros((100, 4, 4, 3), np.uint8), labels, ["a", "b"])
     w = loop.class_weights("balanced", src, 2)
     np.testing.assert_allclose(w, [100 / 180, 100 / 20])
-    it = pipeline.train_batches(src, transforms.TrainTransform(4, "none"), batch_size=50, seed=0, balanced=True)
+    it = iter(pipeline.train_batches(src, transforms.TrainTransform(4, "none"), batch_size=50, seed=0,
+                                     balanced=True))
     drawn = np.concatenate([next(it)["label"] for _ in range(20)])
     assert abs(drawn.mean() - 0.5) < 0.05  # uniform sampling would give 0.1
-    again = pipeline.train_batches(src, transforms.TrainTransform(4, "none"), batch_size=50, seed=0,
-                                   balanced=True, start_step=7)
-    it = pipeline.train_batches(src, transforms.TrainTransform(4, "none"), batch_size=50, seed=0, balanced=True)
+    again = iter(pipeline.train_batches(src, transforms.TrainTransform(4, "none"), batch_size=50, seed=0,
+                                        balanced=True, start_step=7))
+    it = iter(pipeline.train_batches(src, transforms.TrainTransform(4, "none"), batch_size=50, seed=0,
+                                     balanced=True))
     np.testing.assert_array_equal([next(it) for _ in range(8)][-1]["label"], next(again)["label"])
 
 

@@ -4,31 +4,50 @@ Training data is a grain `MapDataset` all the way to the batch: the source shuff
 permutation every epoch, augmented with per-element generators, cut into per-process chunks of
 which each process takes its own. So batch `k` is a pure function of (seed, k), whatever the
 number of processes: resuming at step `k` means slicing at `k`, and the iterator position saved in
-a checkpoint is just that number. Host batches become global
-`jax.Array`s (`jax.make_array_from_process_local_data`) in a background thread that keeps a few
-steps ahead of the device.
+a checkpoint is just that number. Evaluation is a grain dataset too, padded to the same number of
+full batches on every process. Host batches become global `jax.Array`s
+(`jax.make_array_from_process_local_data`) in grain's prefetch thread, a few steps ahead of the
+device (`on_mesh`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import queue
-import threading
-from typing import Iterator
+import os
 
 import grain
 import jax
 import numpy as np
 
-from jaxvision.data.sources import Source, labels_of
+from jaxvision.data.decode import Unreadable
+from jaxvision.data.sources import Source, first_readable, labels_of, report_unreadable
 from jaxvision.parallel.mesh import batch_sharding
+
+
+def worker_count(workers: int) -> int:
+    """`config.data.workers` resolved: -1 is one per core this process may run on."""
+    return len(os.sched_getaffinity(0)) if workers == -1 else workers
 
 
 def _read(ds: grain.MapDataset, threads: int, workers: int) -> grain.IterDataset:
     out = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * max(threads, 1)))
+    workers = worker_count(workers)
     if workers > 0:
         out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     return out
+
+
+class _TrainExample:
+    """grain random map: index -> transformed example, the image decoded as the transform needs;
+    an unreadable image is reported and the next readable one takes its place, so batches keep
+    their size and the data stay a pure function of the step."""
+
+    def __init__(self, source: Source, transform):
+        self.source, self.transform = source, transform
+
+    def __call__(self, index: int, rng: np.random.Generator) -> dict:
+        return first_readable(self.source, int(index), lambda example: self.transform(example, rng))
 
 
 class BalancedOrder:
@@ -51,7 +70,7 @@ class BalancedOrder:
 
 
 def train_batches(source: Source, transform, *, batch_size: int, seed: int, start_step: int = 0,
-                  threads: int = 4, workers: int = 0, balanced: bool = False) -> Iterator[dict]:
+                  threads: int = 4, workers: int = 0, balanced: bool = False) -> grain.IterDataset:
     """Endless host batches of `batch_size` (this process's share of each global batch) from
     batch `start_step` on: each epoch a fresh permutation of the source (or, with `balanced`, a
     class-balanced draw). The global stream is the same for any number of processes: process p
@@ -59,12 +78,12 @@ def train_batches(source: Source, transform, *, batch_size: int, seed: int, star
     batch, so runs on 1 or n hosts see identical global batches and can resume one another."""
     if balanced:
         ds = grain.MapDataset.range(len(source)).repeat().map_with_index(
-            BalancedOrder(labels_of(source), seed)).map(source.__getitem__).seed(seed)
+            BalancedOrder(labels_of(source), seed)).seed(seed)
     else:
-        ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
-    ds = ds.random_map(transform).batch(batch_size, drop_remainder=True)
+        ds = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat()
+    ds = ds.random_map(_TrainExample(source, transform)).batch(batch_size, drop_remainder=True)
     ds = ds[jax.process_index()::jax.process_count()][start_step:]
-    return iter(_read(ds, threads, workers))
+    return _read(ds, threads, workers)
 
 
 def num_eval_batches(num_examples: int, batch_size: int) -> int:
@@ -73,42 +92,38 @@ def num_eval_batches(num_examples: int, batch_size: int) -> int:
 
 
 class _EvalExample:
-    """The transformed example at an index, or, for an unreadable image, a blank one with
-    `valid` 0 that the batch's mask leaves out (never another image in its place)."""
+    """The transformed example at position i of this process's share, or a blank one with `mask`
+    0 that every metric leaves out: past the share's end (padding to full batches) or for an
+    unreadable image (never another image in its place)."""
 
-    def __init__(self, source: Source, transform):
-        self.source, self.transform = source, transform
+    def __init__(self, source: Source, transform, indices: np.ndarray):
+        self.source, self.transform, self.indices = source, transform, indices
 
-    def __call__(self, index: int) -> dict:
-        example = self.source.load(index)
-        if example is None:
-            size = self.transform.size
-            return {"image": np.zeros((size, size, 3), np.uint8), "label": 0, "valid": False}
-        return {**self.transform(example), "valid": True}
+    def __call__(self, position: int) -> dict:
+        if position < len(self.indices):
+            try:
+                example = self.transform(self.source.raw(int(self.indices[position])))
+                return {**example, "mask": np.float32(1)}
+            except Unreadable as e:
+                report_unreadable(e)
+        size = self.transform.size
+        return {"image": np.zeros((size, size, 3), np.uint8), "label": np.int32(0), "mask": np.float32(0)}
 
 
-def eval_batches(source: Source, transform, *, batch_size: int, threads: int = 4) -> Iterator[dict]:
-    """This process's share of the whole split, in order, each batch padded to `batch_size` with a
-    `mask` marking real, readable examples; every process yields the same number of batches."""
-    ds = grain.MapDataset.range(len(source))[jax.process_index()::jax.process_count()]
-    ds = ds.map(_EvalExample(source, transform)).batch(batch_size, drop_remainder=False)
-    template = None
-    count = 0
-    for batch in _read(ds, threads, 0):
-        template = batch
-        yield pad_batch(batch, batch_size, len(batch["label"]))
-        count += 1
-    for _ in range(num_eval_batches(len(source), batch_size) - count):
-        yield pad_batch({k: v[:0] for k, v in template.items()}, batch_size, 0)
+def eval_batches(source: Source, transform, *, batch_size: int, threads: int = 4,
+                 workers: int = 0) -> grain.IterDataset:
+    """This process's share of the whole split, in order, in batches of `batch_size` with a `mask`
+    marking real, readable examples; every process yields the same number of batches."""
+    indices = np.arange(len(source))[jax.process_index()::jax.process_count()]
+    total = num_eval_batches(len(source), batch_size) * batch_size
+    ds = grain.MapDataset.range(total).map(_EvalExample(source, transform, indices))
+    return _read(ds.batch(batch_size), threads, workers)
 
 
 def pad_batch(batch: dict, size: int, real: int) -> dict:
-    """`batch` padded with zeros to `size`, its `mask` 1 for the first `real` examples that are
-    `valid` (all of them when the batch has no `valid`)."""
-    valid = batch.get("valid", np.ones(len(batch["label"]), bool))
-    out = {k: np.concatenate([v, np.zeros((size - len(v),) + v.shape[1:], v.dtype)])
-           for k, v in batch.items() if k != "valid"}
-    out["mask"] = ((np.arange(size) < real) & np.pad(np.asarray(valid, bool), (0, size - len(valid)))).astype(np.float32)
+    """`batch` padded with zeros to `size`, with a `mask` 1 for its first `real` examples."""
+    out = {k: np.concatenate([v, np.zeros((size - len(v),) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+    out["mask"] = (np.arange(size) < real).astype(np.float32)
     return out
 
 
@@ -118,43 +133,10 @@ def to_global(batch: dict, mesh) -> dict:
             for k, v in batch.items()}
 
 
-def prefetch_to_mesh(batches: Iterator[dict], mesh, size: int = 2) -> Iterator[dict]:
-    """Put batches on the devices `size` steps ahead, in a background thread, so host-to-device
-    copies overlap the step. Errors in the pipeline are re-raised in the consumer; closing the
-    generator stops and joins the thread (a thread left inside a JAX call at interpreter exit
-    aborts the process)."""
-    q: queue.Queue = queue.Queue(maxsize=size)
-    stop = threading.Event()
-    done = object()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce():
-        try:
-            for batch in batches:
-                if stop.is_set() or not put(to_global(batch, mesh)):
-                    return
-            put(done)
-        except BaseException as e:  # noqa: BLE001  (handed to the consumer)
-            put(e)
-
-    thread = threading.Thread(target=produce, daemon=True, name="prefetch_to_mesh")
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+def on_mesh(batches: grain.IterDataset, mesh, size: int = 2) -> grain.DatasetIterator:
+    """The batches as global arrays, put on the devices `size` steps ahead by grain's prefetch
+    thread so that host-to-device copies overlap the step; pipeline errors are raised in the
+    consumer. Close it when done: that joins the thread (one left inside a JAX call at
+    interpreter exit aborts the process)."""
+    placed = batches.map(functools.partial(to_global, mesh=mesh))
+    return iter(grain.experimental.ThreadPrefetchIterDataset(placed, prefetch_buffer_size=size))

@@ -1,11 +1,13 @@
 """Random-access data sources for grain: the bundled digits, an image folder, TFDS ArrayRecord.
 
-A source yields ``{"image": uint8 (H, W, 3), "label": int}`` by index. Sources that decode files
-report an unreadable image once per process, with its path. For training, `source[i]` serves the
-next readable image in its place, so one corrupt JPEG in a million never stops a run (nor crashes
-inside a grain worker) and batches keep their size, which keeps the data order a pure function of
-the step for exact resume. Evaluation reads `source.load(i)`, which is None for an unreadable
-image: it is left out of every metric, never replaced.
+A source yields ``{"image", "label"}`` by index. `raw(i)` hands the image over as stored: pixels
+(uint8 (H, W, 3)) for in-memory data, the encoded file (`decode.EncodedImage`) for folders and
+TFDS, so that a transform decodes only the crop it keeps. `load(i)` decodes it, and is None for an
+unreadable image, reported once per process with its path; `source[i]` serves the next readable
+image in its place. The pipeline (`pipeline.py`) applies the same two rules to `raw` plus the
+transform: training substitutes the next readable image (one corrupt JPEG in a million never stops
+a run, and the data order stays a pure function of the step for exact resume); evaluation leaves
+the image out of every metric, never replaced.
 
 Dataset names: ``digits``, ``folder:/path/to/root`` (one subfolder per class), ``tfds:NAME``.
 """
@@ -13,14 +15,13 @@ Dataset names: ``digits``, ``folder:/path/to/root`` (one subfolder per class), `
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from typing import Sequence
 
 import numpy as np
 from absl import logging
-from PIL import Image
 
+from jaxvision.data import decode
 from jaxvision.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -30,22 +31,19 @@ class DataError(UserError):
     """A dataset cannot be opened as configured; the message says what to change."""
 
 
-def to_rgb(image: np.ndarray) -> np.ndarray:
-    """uint8 (H, W, 3) from grayscale (H, W) / (H, W, 1) or RGBA (H, W, 4)."""
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.shape[-1] == 1:
-        image = np.repeat(image, 3, axis=-1)
-    return np.ascontiguousarray(image[..., :3], dtype=np.uint8)
+def read_file(path: str) -> decode.EncodedImage:
+    """An image file's bytes, not yet decoded; `decode.Unreadable` if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return decode.EncodedImage(f.read(), path)
+    except OSError as e:
+        raise decode.Unreadable(f"{path}: {type(e).__name__}: {e}") from None
 
 
 def read_image(path: str) -> np.ndarray:
-    """uint8 (H, W, 3) of an image file (any format PIL reads); raises on an undecodable one."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    with Image.open(io.BytesIO(raw)) as img:
-        return np.asarray(img.convert("RGB"))
+    """uint8 (H, W, 3) of an image file (any format PIL reads); `decode.Unreadable` if it cannot
+    be decoded."""
+    return decode.pixels(read_file(path))
 
 
 _warned: set = set()  # what this process has warned about already
@@ -57,16 +55,21 @@ def warn_once(key, message: str, *args) -> None:
         logging.warning(message, *args)
 
 
+def report_unreadable(error: decode.Unreadable) -> None:
+    warn_once(("unreadable", str(error)), "skipping unreadable image %s", error)
+
+
 class Source:
-    """Base: `load` (None for an unreadable element) and `__getitem__` (the next readable one in
-    its place); subclasses implement `_load`."""
+    """Base: `raw` (as stored), `load` (decoded; None for an unreadable element) and `__getitem__`
+    (the next readable one in its place); subclasses implement `raw`."""
 
     class_names: Sequence[str]
 
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def _load(self, index: int) -> dict:
+    def raw(self, index: int) -> dict:
+        """The example with its image as stored; may raise `decode.Unreadable`."""
         raise NotImplementedError
 
     def _describe(self, index: int) -> str:
@@ -78,20 +81,27 @@ class Source:
 
     def load(self, index: int) -> dict | None:
         try:
-            return self._load(index)
-        except Exception as e:  # noqa: BLE001  (any decode failure means: skip this one)
-            where = self._describe(index)
-            warn_once(("unreadable", where), "skipping unreadable image %s: %s: %s", where, type(e).__name__, e)
+            example = self.raw(index)
+            return {**example, "image": decode.pixels(example["image"])}
+        except decode.Unreadable as e:
+            report_unreadable(e)
             return None
 
     def __getitem__(self, index: int) -> dict:
-        n = len(self)
-        for attempt in range(min(n, 100)):
-            example = self.load((index + attempt) % n)
-            if example is not None:
-                return example
-        raise DataError(f"100 consecutive unreadable images from {self._describe(index)} on; "
-                        "is this really an image dataset?")
+        return first_readable(self, index, lambda example: {**example, "image": decode.pixels(example["image"])})
+
+
+def first_readable(source: Source, index: int, use):
+    """`use(source.raw(i))` for the first i from `index` on (cyclically) whose image reads,
+    reporting the unreadable ones; a clear error after 100 in a row."""
+    n = len(source)
+    for attempt in range(min(n, 100)):
+        try:
+            return use(source.raw((index + attempt) % n))
+        except decode.Unreadable as e:
+            report_unreadable(e)
+    raise DataError(f"100 consecutive unreadable images from {source._describe(index)} on; "
+                    "is this really an image dataset?")
 
 
 class ArraySource(Source):
@@ -103,7 +113,7 @@ class ArraySource(Source):
     def __len__(self):
         return len(self.labels)
 
-    def _load(self, index):
+    def raw(self, index):
         return {"image": self.images[index], "label": int(self.labels[index])}
 
 
@@ -192,8 +202,8 @@ class FolderSource(Source):
     def _describe(self, index):
         return os.path.join(self.root, self.files[index])
 
-    def _load(self, index):
-        return {"image": read_image(self._describe(index)), "label": int(self.labels[index])}
+    def raw(self, index):
+        return {"image": read_file(self._describe(index)), "label": int(self.labels[index])}
 
 
 class TfdsSource(Source):
@@ -203,7 +213,8 @@ class TfdsSource(Source):
         import tensorflow_datasets as tfds
 
         try:
-            self.source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+            self.source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                           decoders={"image": tfds.decode.SkipDecoding()})
             info = tfds.builder(name, data_dir=data_dir).info
         except tfds.core.registered.DatasetNotFoundError:
             raise DataError(f"TFDS has no dataset {name!r}") from None
@@ -222,9 +233,9 @@ class TfdsSource(Source):
     def _describe(self, index):
         return f"{self.name} record {index}"
 
-    def _load(self, index):
+    def raw(self, index):
         record = self.source[index]
-        return {"image": to_rgb(record["image"]), "label": int(record["label"])}
+        return {"image": decode.EncodedImage(record["image"], self._describe(index)), "label": int(record["label"])}
 
 
 def labels_of(source: Source) -> np.ndarray:
@@ -233,7 +244,7 @@ def labels_of(source: Source) -> np.ndarray:
     labels = getattr(source, "labels", None)
     if labels is None:
         from tqdm import tqdm
-        labels = [source[i]["label"] for i in tqdm(range(len(source)), desc="reading labels")]
+        labels = [source.raw(i)["label"] for i in tqdm(range(len(source)), desc="reading labels")]
     return np.asarray(labels, np.int64)
 
 

@@ -1,4 +1,7 @@
-"""Host-side image transforms (numpy + PIL), deterministic given grain's per-element generator.
+"""Host-side image transforms, deterministic given grain's per-element generator.
+
+Crops are chosen as boxes of the stored image first, so an encoded image (`decode.py`) decodes
+only the box, at reduced size where the box is scaled down.
 
 Images stay uint8 here; normalisation with the model card's mean/std happens on the device,
 inside the jitted step, so the host sends a quarter of the bytes float32 would need.
@@ -13,44 +16,46 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import cv2
 import numpy as np
-from PIL import Image
 
 from jaxvision.data import augment as augment_lib
+from jaxvision.data.decode import INTERPOLATIONS, crop_resize, shape_of
 from jaxvision.errors import UserError
 
-_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 AUGMENTATIONS = ("rrc_flip", "pad_crop_flip", "pad_crop", "none")
 
 
-def resize(image: np.ndarray, height: int, width: int, interpolation: str) -> np.ndarray:
-    if image.shape[:2] == (height, width):
-        return image
-    return np.asarray(Image.fromarray(image).resize((width, height), _RESAMPLE[interpolation]))
+def resize(image, height: int, width: int, interpolation: str) -> np.ndarray:
+    """The whole image (pixels or `decode.EncodedImage`) scaled to (height, width)."""
+    return crop_resize(image, (0, 0) + shape_of(image), height, width, interpolation)
 
 
-def random_resized_crop(image, rng: np.random.Generator, size: int, scale=(0.08, 1.0),
-                        ratio=(3 / 4, 4 / 3), interpolation="bicubic"):
-    """A crop of random area fraction `scale` and aspect `ratio` (log-uniform), resized to `size`;
-    after 10 failed draws, the central crop with the aspect clamped to `ratio`."""
-    h, w = image.shape[:2]
-    area = h * w
+def random_box(height: int, width: int, rng: np.random.Generator, scale=(0.08, 1.0),
+               ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """Inception's crop (top, left, h, w): random area fraction `scale` and aspect `ratio`
+    (log-uniform); after 10 failed draws, the central crop with the aspect clamped to `ratio`."""
+    area = height * width
     for _ in range(10):
         target = area * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
         cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < cw <= w and 0 < ch <= h:
-            top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-            return resize(image[top:top + ch, left:left + cw], size, size, interpolation)
-    aspect = w / h
+        if 0 < cw <= width and 0 < ch <= height:
+            return int(rng.integers(0, height - ch + 1)), int(rng.integers(0, width - cw + 1)), ch, cw
+    aspect = width / height
     if aspect < ratio[0]:
-        cw, ch = w, int(round(w / ratio[0]))
+        cw, ch = width, int(round(width / ratio[0]))
     elif aspect > ratio[1]:
-        ch, cw = h, int(round(h * ratio[1]))
+        ch, cw = height, int(round(height * ratio[1]))
     else:
-        cw, ch = w, h
-    top, left = (h - ch) // 2, (w - cw) // 2
-    return resize(image[top:top + ch, left:left + cw], size, size, interpolation)
+        cw, ch = width, height
+    return (height - ch) // 2, (width - cw) // 2, ch, cw
+
+
+def random_resized_crop(image, rng: np.random.Generator, size: int, scale=(0.08, 1.0),
+                        ratio=(3 / 4, 4 / 3), interpolation="bicubic"):
+    """`random_box` of the image resized to `size`; an encoded image decodes only that box."""
+    return crop_resize(image, random_box(*shape_of(image), rng, scale, ratio), size, size, interpolation)
 
 
 def pad_random_crop(image, rng: np.random.Generator, size: int, interpolation="bicubic"):
@@ -63,17 +68,21 @@ def pad_random_crop(image, rng: np.random.Generator, size: int, interpolation="b
     return padded[top:top + size, left:left + size]
 
 
-def center_crop(image, size: int, crop_pct: float, interpolation="bicubic"):
-    """Evaluation view: resize the short side to size / crop_pct, then the central size x size."""
-    h, w = image.shape[:2]
+def center_box(height: int, width: int, size: int, crop_pct: float) -> tuple[float, float, float, float]:
+    """The evaluation view as a box (top, left, h, w) of the stored image, in fractional pixels:
+    what resizing the short side to size / crop_pct and keeping the central size x size shows."""
     short = int(math.floor(size / crop_pct))
-    if h < w:
-        nh, nw = short, max(short, int(round(w * short / h)))
-    else:
-        nw, nh = short, max(short, int(round(h * short / w)))
-    image = resize(image, nh, nw, interpolation)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return image[top:top + size, left:left + size]
+    scale = short / min(height, width)
+    nh, nw = (short, max(short, int(round(width * scale)))) if height < width else \
+        (max(short, int(round(height * scale))), short)
+    sy, sx = height / nh, width / nw
+    return (nh - size) // 2 * sy, (nw - size) // 2 * sx, size * sy, size * sx
+
+
+def center_crop(image, size: int, crop_pct: float, interpolation="bicubic"):
+    """Evaluation view: resize the short side to size / crop_pct, then the central size x size
+    (an encoded image decodes only that part)."""
+    return crop_resize(image, center_box(*shape_of(image), size, crop_pct), size, size, interpolation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +102,8 @@ class TrainTransform:
             raise UserError(f"unknown augment {self.augment!r}; choose from {', '.join(AUGMENTATIONS)}")
         object.__setattr__(self, "_randaugment",
                            augment_lib.RandAugment.parse(self.randaugment) if self.randaugment else None)
+        if self.interpolation not in INTERPOLATIONS:
+            raise UserError(f"unknown interpolation {self.interpolation!r}; choose from {', '.join(INTERPOLATIONS)}")
         if self.remode not in augment_lib.ERASE_MODES:
             raise UserError(f"unknown remode {self.remode!r}; choose from {', '.join(augment_lib.ERASE_MODES)}")
 
@@ -106,7 +117,7 @@ class TrainTransform:
         else:
             image = resize(image, self.size, self.size, self.interpolation)
         if self.augment.endswith("flip") and rng.random() < 0.5:
-            image = image[:, ::-1]
+            image = cv2.flip(image, 1)  # a contiguous copy, 10x numpy's of a reversed view
         if self._randaugment is not None:
             image = self._randaugment(np.ascontiguousarray(image), rng)
         if self.reprob > 0:

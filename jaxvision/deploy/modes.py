@@ -46,7 +46,7 @@ def _logits_fn(s, variable_shardings, apply=None):
 def _split_logits(s, fn, variables, source, desc: str):
     c = s.config
     return eval_lib.collect_logits(fn, variables, source, eval_transform(s), s.mesh,
-                                   c.eval_batch_size or c.batch_size, c.data.threads, desc)
+                                   c.eval_batch_size or c.batch_size, c.data.threads, c.data.workers, desc)
 
 
 def calibrate(config, workdir: str) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -14,19 +15,19 @@ from jaxvision.parallel import mesh as mesh_lib
 
 
 def run(eval_step, variables, source, transform, mesh, batch_size: int, threads: int = 4,
-        prefix: str = "val_") -> tuple[dict, np.ndarray | None]:
+        workers: int = 0, prefix: str = "val_") -> tuple[dict, np.ndarray | None]:
     """Loss, top-1 and top-5 over the split's readable examples (each exactly once), how many
     were unreadable and left out (`unreadable`, when any), and the confusion matrix when the step
     computes one."""
     local = mesh_lib.check_batch(batch_size, mesh)
-    host = pipeline.eval_batches(source, transform, batch_size=local, threads=threads)
+    host = pipeline.eval_batches(source, transform, batch_size=local, threads=threads, workers=workers)
     sums = None
-    bar = tqdm(pipeline.prefetch_to_mesh(host, mesh), desc="eval", unit="batch", leave=False,
-               total=pipeline.num_eval_batches(len(source), local),
-               disable=jax.process_index() != 0, dynamic_ncols=True)
-    for batch in bar:
-        out = eval_step(variables, batch)
-        sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
+    with contextlib.closing(pipeline.on_mesh(host, mesh)) as batches:
+        for batch in tqdm(batches, desc="eval", unit="batch", leave=False,
+                          total=pipeline.num_eval_batches(len(source), local),
+                          disable=jax.process_index() != 0, dynamic_ncols=True):
+            out = eval_step(variables, batch)
+            sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
     sums = jax.device_get(sums)
     n = max(float(sums["count"]), 1.0)
     metrics = {f"{prefix}loss": float(sums["loss"]) / n, f"{prefix}top1": float(sums["top1"]) / n,
@@ -78,18 +79,18 @@ def save_confusion(confusion: np.ndarray, class_names, path: str, title: str = "
 
 
 def collect_logits(logits_fn, variables, source, transform, mesh, batch_size: int, threads: int = 4,
-                   desc: str = "logits") -> tuple[np.ndarray, np.ndarray]:
+                   workers: int = 0, desc: str = "logits") -> tuple[np.ndarray, np.ndarray]:
     """(logits (N, C) float32, labels (N,)) of a whole split in source order, for the analyses
     that need every prediction (calibration, OOD thresholds). `logits_fn(variables, batch)`
     returns (logits, label, mask) replicated, so every process sees the whole global batch."""
     local = mesh_lib.check_batch(batch_size, mesh)
-    host = pipeline.eval_batches(source, transform, batch_size=local, threads=threads)
+    host = pipeline.eval_batches(source, transform, batch_size=local, threads=threads, workers=workers)
     logits, labels = [], []
-    for batch in tqdm(pipeline.prefetch_to_mesh(host, mesh), desc=desc, unit="batch",
-                      total=pipeline.num_eval_batches(len(source), local),
-                      disable=jax.process_index() != 0, dynamic_ncols=True):
-        out, label, mask = jax.device_get(logits_fn(variables, batch))
-        keep = np.asarray(mask) > 0
-        logits.append(np.asarray(out, np.float32)[keep])
-        labels.append(np.asarray(label)[keep])
+    with contextlib.closing(pipeline.on_mesh(host, mesh)) as batches:
+        for batch in tqdm(batches, desc=desc, unit="batch", total=pipeline.num_eval_batches(len(source), local),
+                          disable=jax.process_index() != 0, dynamic_ncols=True):
+            out, label, mask = jax.device_get(logits_fn(variables, batch))
+            keep = np.asarray(mask) > 0
+            logits.append(np.asarray(out, np.float32)[keep])
+            labels.append(np.asarray(label)[keep])
     return np.concatenate(logits), np.concatenate(labels)

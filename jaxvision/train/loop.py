@@ -99,7 +99,7 @@ def run_eval(s: Setup, eval_step, variables, workdir: str | None = None, step: i
              prefix: str = "val_") -> dict:
     c = s.config
     metrics, confusion = eval_lib.run(eval_step, variables, s.eval_source, eval_transform(s), s.mesh,
-                                      c.eval_batch_size or c.batch_size, c.data.threads, prefix)
+                                      c.eval_batch_size or c.batch_size, c.data.threads, c.data.workers, prefix)
     if confusion is not None and workdir and jax.process_index() == 0:
         name = f"{prefix}confusion_{step:07d}"
         eval_lib.save_confusion(confusion, s.eval_source.class_names,
@@ -178,7 +178,7 @@ def _train(config, workdir: str, wall_start: float) -> dict:
                                   seed=config.seed, start_step=start, threads=config.data.threads,
                                   workers=config.data.workers,
                                   balanced=config.data.sampling == "balanced")
-    batches = pipeline.prefetch_to_mesh(host, s.mesh)
+    batches = pipeline.on_mesh(host, s.mesh)
     writer = MetricWriter(workdir, start)
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                disable=jax.process_index() != 0, mininterval=1.0)
