@@ -1,6 +1,8 @@
 """Where a training image's host time goes at 224 px: PIL's full JPEG decode, a decode at half size
-(libjpeg's DCT scaling through `Image.draft`), and the random-resized-crop (bilinear, bicubic), in
-ms per image on one core, over a folder of ImageNet-like JPEGs (`experiments/make_imagenet_like.py`).
+(libjpeg's DCT scaling through `Image.draft`), Pillow's random-resized-crop of decoded pixels
+(bilinear, bicubic), and jaxvision's whole training transform (RRC bilinear + flip) on the encoded
+file, with the crop-window decoder and with its Pillow fallback; in ms per image on one core, over
+a folder of ImageNet-like JPEGs (`experiments/make_imagenet_like.py`).
 
     python experiments/decode_costs.py /tmp/imagenet_like [--images 600]
 """
@@ -16,7 +18,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from jaxvision.data import transforms
+from jaxvision.data import decode as decoding
+from jaxvision.data import jpeg, transforms
 
 
 def ms_per_call(fn, n: int) -> float:
@@ -41,11 +44,20 @@ def main():
         return np.asarray(image.convert("RGB"))
 
     pixels = [decode(i) for i in range(n)]
+    train = transforms.TrainTransform(224, "rrc_flip", interpolation="bilinear")
+
+    def train_transform(i):
+        return train({"image": decoding.EncodedImage(raw[i], str(i)), "label": 0}, np.random.default_rng(i))
+
+    fast = ms_per_call(train_transform, n)
+    jpeg.library = lambda: "switched off for this row"
     rows = [("decode, full size", ms_per_call(decode, n)),
             ("decode at 1/2 (Image.draft)", ms_per_call(lambda i: decode(i, 2), n)),
             *((f"random-resized-crop to 224, {interp}",
                ms_per_call(lambda i: transforms.random_resized_crop(pixels[i], rng, 224, interpolation=interp), n))
-              for interp in ("bilinear", "bicubic"))]
+              for interp in ("bilinear", "bicubic")),
+            ("training transform on the file: crop-window decode + OpenCV + flip", fast),
+            ("training transform on the file, Pillow fallback (no crop-window decoder)", ms_per_call(train_transform, n))]
     print(f"# Host cost per image, one core (`python experiments/decode_costs.py {args.folder}`): {n} JPEGs, "
           f"{np.mean([p.shape[0] * p.shape[1] for p in pixels]) / 1e3:.0f}k pixels on average\n")
     print("| step | ms / image |\n|---|---:|")

@@ -48,7 +48,7 @@ def forever(make):
 
 class Repeated(sources.Source):
     """`source` `times` over, so that one evaluation pass outlasts the measurement: each pass
-    starts its worker processes afresh (~3 s here), which an ImageNet-sized split amortises."""
+    starts its worker processes afresh (a few seconds), which an ImageNet-sized split amortises."""
 
     def __init__(self, source, times: int):
         self.source, self.times, self.class_names = source, times, source.class_names

@@ -42,7 +42,7 @@ def base() -> ml_collections.ConfigDict:
     c.data.sampling = "uniform"  # uniform | balanced (each class equally often)
     c.data.threads = 4  # grain read threads per process
     # grain worker processes (training and evaluation); 0 = read threads only (enough for small or
-    # in-memory data: a process costs ~3 s to start), -1 = one per host core (image datasets)
+    # in-memory data: a process takes seconds to start), -1 = one per host core (image datasets)
     c.data.workers = 0
 
     c.batch_size = 128  # global

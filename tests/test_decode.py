@@ -52,6 +52,22 @@ def test_the_crop_window_decoder_builds_here():
     assert not isinstance(jpeg.library(), str), jpeg.library()
 
 
+def test_without_the_decoder_a_run_says_why_once_and_uses_pillow(monkeypatch, caplog):
+    monkeypatch.setattr(jpeg, "_load", lambda: "no C compiler (cc, gcc or $CC)")
+    jpeg.library.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            image = decode.EncodedImage(photos(1)[0], "photo")
+            assert decode.crop_resize(image, (0, 0, 100, 100), 32, 32, "bilinear").shape == (32, 32, 3)
+            jpeg.library()
+        assert [r.getMessage() for r in caplog.records].count(
+            "jaxvision: no crop-window JPEG decoding, so whole images are decoded with Pillow "
+            "(0.6x the host throughput): no C compiler (cc, gcc or $CC). Install a C compiler "
+            "and libjpeg-turbo's headers (Debian/Ubuntu: apt install gcc libjpeg-dev).") == 1
+    finally:
+        jpeg.library.cache_clear()
+
+
 @pytest.mark.parametrize("fast", [True, False], ids=["libjpeg-turbo", "pillow-draft"])
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 def test_a_box_matches_pillow_on_the_full_decode(fast, interpolation, monkeypatch):

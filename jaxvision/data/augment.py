@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import cv2
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
@@ -66,9 +67,13 @@ def _signed(value: float, rng) -> float:
     return -value if rng.random() < 0.5 else value
 
 
-def _affine(img, matrix, rng):
-    resample = Image.BILINEAR if rng.random() < 0.5 else Image.BICUBIC
-    return img.transform(img.size, Image.AFFINE, matrix, resample=resample, fillcolor=_FILL)
+def _warp(img, matrix, rng, inverse: bool = True):
+    """`img` under the 2x3 affine `matrix` (output -> input pixel when `inverse`), bilinear or
+    bicubic at random as timm's, the exposed pixels `_FILL`. OpenCV's warp: 2-30x Pillow's."""
+    flags = (cv2.INTER_LINEAR if rng.random() < 0.5 else cv2.INTER_CUBIC) | (cv2.WARP_INVERSE_MAP if inverse else 0)
+    out = cv2.warpAffine(np.asarray(img), np.asarray(matrix, np.float64).reshape(2, 3), img.size,
+                         flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=_FILL)
+    return Image.fromarray(out)
 
 
 def _apply(name: str, img: Image.Image, level: float, rng: np.random.Generator) -> Image.Image:
@@ -79,9 +84,10 @@ def _apply(name: str, img: Image.Image, level: float, rng: np.random.Generator) 
         return ImageOps.equalize(img)
     if name == "Invert":
         return ImageOps.invert(img)
-    if name == "Rotate":
-        resample = Image.BILINEAR if rng.random() < 0.5 else Image.BICUBIC
-        return img.rotate(_signed(level * 30.0, rng), resample=resample, fillcolor=_FILL)
+    if name == "Rotate":  # counter-clockwise about the centre, as Pillow's rotate
+        angle = _signed(level * 30.0, rng)
+        return _warp(img, cv2.getRotationMatrix2D((img.size[0] / 2 - 0.5, img.size[1] / 2 - 0.5), angle, 1.0),
+                     rng, inverse=False)
     if name == "Posterize":
         bits = int(level * 4)
         return img if bits >= 8 else ImageOps.posterize(img, max(bits, 1))
@@ -95,13 +101,13 @@ def _apply(name: str, img: Image.Image, level: float, rng: np.random.Generator) 
         enhancer = getattr(ImageEnhance, name)
         return enhancer(img).enhance(level * 1.8 + 0.1)
     if name == "ShearX":
-        return _affine(img, (1, _signed(level * 0.3, rng), 0, 0, 1, 0), rng)
+        return _warp(img, (1, _signed(level * 0.3, rng), 0, 0, 1, 0), rng)
     if name == "ShearY":
-        return _affine(img, (1, 0, 0, _signed(level * 0.3, rng), 1, 0), rng)
+        return _warp(img, (1, 0, 0, _signed(level * 0.3, rng), 1, 0), rng)
     if name == "TranslateXRel":
-        return _affine(img, (1, 0, _signed(level * 0.45, rng) * img.size[0], 0, 1, 0), rng)
+        return _warp(img, (1, 0, _signed(level * 0.45, rng) * img.size[0], 0, 1, 0), rng)
     if name == "TranslateYRel":
-        return _affine(img, (1, 0, 0, 0, 1, _signed(level * 0.45, rng) * img.size[1]), rng)
+        return _warp(img, (1, 0, 0, 0, 1, _signed(level * 0.45, rng) * img.size[1]), rng)
     raise KeyError(name)
 
 

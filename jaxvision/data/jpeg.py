@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 import shutil
 
@@ -29,9 +30,7 @@ class DecodeError(ValueError):
     """libjpeg rejected the data (or warned about it: truncated or corrupt)."""
 
 
-@functools.cache
-def library() -> ctypes.CDLL | str:
-    """The decoder, or one line saying why it is unavailable here."""
+def _load() -> ctypes.CDLL | str:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         return "no C compiler (cc, gcc or $CC)"
@@ -39,10 +38,22 @@ def library() -> ctypes.CDLL | str:
     def command(out: str) -> list[str]:
         return [compiler, "-O2", "-shared", "-fPIC", SOURCE, "-ljpeg", "-o", out]
     try:
-        lib = ctypes.CDLL(compiled.shared_library(SOURCE, "libjaxvision_jpeg.so", command, compiler,
-                                                  "the crop-window JPEG decoder"))
+        return ctypes.CDLL(compiled.shared_library(SOURCE, "libjaxvision_jpeg.so", command, compiler,
+                                                   "the crop-window JPEG decoder"))
     except (compiled.BuildError, OSError) as e:
-        return f"cannot build it against libjpeg-turbo ({str(e).splitlines()[-1][:200]})"
+        return f"it does not build against libjpeg-turbo here ({str(e).splitlines()[-1][:200]})"
+
+
+@functools.cache
+def library() -> ctypes.CDLL | str:
+    """The decoder, or one line saying why it is unavailable here (logged once per process)."""
+    lib = _load()
+    if isinstance(lib, str):
+        logging.getLogger(__name__).warning(
+            "jaxvision: no crop-window JPEG decoding, so whole images are decoded with Pillow "
+            "(0.6x the host throughput): %s. Install a C compiler and libjpeg-turbo's headers "
+            "(Debian/Ubuntu: apt install gcc libjpeg-dev).", lib)
+        return lib
     lib.jv_jpeg_header.argtypes = [ctypes.c_char_p, ctypes.c_ulong, _INT, _INT, _INT, ctypes.c_char_p]
     lib.jv_jpeg_decode.argtypes = ([ctypes.c_char_p, ctypes.c_ulong] + [ctypes.c_int] * 5 +
                                    [ctypes.c_void_p, ctypes.c_int, _INT, _INT, ctypes.c_char_p])
