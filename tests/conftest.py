@@ -23,6 +23,16 @@ from absl import flags  # noqa: E402
 flags.FLAGS.mark_as_parsed()
 
 
+# Files that run for minutes go out first, so that the other worker works through the short ones
+# meanwhile instead of idling at the end (addopts turns off xdist's reordering by test count).
+LONGEST_FIRST = ("test_scale.py", "test_cpu_native.py", "test_distill.py", "test_recipe.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def pytest_sessionfinish(session, exitstatus):
     if "_CACHE" in globals():
         shutil.rmtree(_CACHE, ignore_errors=True)
