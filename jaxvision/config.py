@@ -206,6 +206,8 @@ def check(c) -> None:
     choice("model.dtype", ("float32", "bfloat16"))
     backends.check_backend(c.backend)
     choice("data.augment", transforms.AUGMENTATIONS)
+    if get("data.interpolation"):  # "": the model card's
+        choice("data.interpolation", transforms.INTERPOLATIONS)
     choice("data.remode", augment.ERASE_MODES)
     choice("data.sampling", ("uniform", "balanced"))
     number("data.val_fraction", 0, 1, high_open=True)
