@@ -89,6 +89,9 @@ def base() -> ml_collections.ConfigDict:
     c.loss.label_smoothing = 0.0
     c.loss.focal_gamma = 2.0
     c.loss.class_weights = ""  # "" | balanced | comma-separated weights per class
+    # test-time augmentation in eval, predict and calibrate (not in the exported model): "" none,
+    # "flip" (averages the logits of each image and its mirror image), "flip_translate" (6 views)
+    c.tta = ""
     c.per_class_metrics = False  # per-class and balanced accuracy, confusion matrix PNG per eval
 
     c.distill = ml_collections.ConfigDict()  # knowledge distillation from a frozen teacher
@@ -168,7 +171,7 @@ def check(c) -> None:
     from jaxvision import backends
     from jaxvision.data import augment, mix, transforms
     from jaxvision.errors import UserError
-    from jaxvision.train import losses, optim
+    from jaxvision.train import losses, optim, step
 
     def get(path):
         value = c
@@ -206,6 +209,7 @@ def check(c) -> None:
     choice("model.dtype", ("float32", "bfloat16"))
     backends.check_backend(c.backend)
     choice("data.augment", transforms.AUGMENTATIONS)
+    choice("tta", step.TTA_MODES)
     if get("data.interpolation"):  # "": the model card's
         choice("data.interpolation", transforms.INTERPOLATIONS)
     choice("data.remode", augment.ERASE_MODES)

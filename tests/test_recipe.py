@@ -4,6 +4,7 @@ per-class metrics, RandAugment / Random Erasing."""
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -13,6 +14,7 @@ import pytest
 from jaxvision import models
 from jaxvision.data import augment, pipeline, sources, transforms
 from jaxvision.train import evaluate, losses, loop, optim
+from jaxvision.train import step as step_lib
 from tests.test_engine import final_params, losses as logged_losses, tiny
 
 # timm 1.0.31's layer-decay grouping: (number of ids, smallest scale at decay 0.75)
@@ -216,6 +218,39 @@ def test_randaugment_and_random_erasing():
     assert changed.sum() == (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)  # one box
     t = transforms.TrainTransform(24, "rrc_flip", randaugment="rand-m9-mstd0.5", reprob=0.25)
     assert t({"image": img, "label": 1}, rng)["image"].shape == (24, 24, 3)
+
+
+class _Tiny(nn.Module):
+    """A convolution and a dense layer over the flattened map: position-dependent, so neither
+    flip- nor shift-invariant."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Dense(5)(nn.relu(nn.Conv(4, (3, 3))(x)).reshape(x.shape[0], -1))
+
+
+def test_test_time_augmentation_leaves_a_flip_invariant_model_unchanged():
+    """A model made mirror-symmetric (logits of an image plus its mirror image's) gives the same
+    logits under "flip" TTA; the plain model does not, and on a uniform image, which moving with
+    repeated edges cannot change, "flip_translate" gives the symmetric model's logits too."""
+    model = _Tiny()
+    images = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
+    variables = model.init(jax.random.key(1), images)
+    plain = lambda v, x: model.apply(v, x)  # noqa: E731
+    symmetric = lambda v, x: plain(v, x) + plain(v, x[:, :, ::-1])  # noqa: E731
+    want = symmetric(variables, images)
+    np.testing.assert_allclose(step_lib.test_time_augmented(symmetric, "flip")(variables, images), want,
+                               rtol=1e-5, atol=1e-5)
+    assert not np.allclose(step_lib.test_time_augmented(plain, "flip")(variables, images),
+                           plain(variables, images), atol=1e-3)
+    uniform = jnp.full((2, 16, 16, 3), 0.3)
+    np.testing.assert_allclose(step_lib.test_time_augmented(symmetric, "flip_translate")(variables, uniform),
+                               symmetric(variables, uniform), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(step_lib.test_time_augmented(plain, "flip_translate")(variables, images),
+                           step_lib.test_time_augmented(plain, "flip")(variables, images), atol=1e-3)
+    moved = step_lib._shift(images, 2)
+    np.testing.assert_array_equal(moved[:, 2:, 2:], images[:, :-2, :-2])
+    np.testing.assert_array_equal(step_lib._shift(images, -2)[:, :-2, :-2], images[:, 2:, 2:])
 
 
 class _Fixed:

@@ -169,6 +169,7 @@ def test_a_resumed_run_drops_the_rows_written_after_its_checkpoint(four_steps, t
     ({"batch_size": 0}, "config.batch_size must be an integer >= 1"),
     ({"data.image_size": -16}, "config.data.image_size must be an integer >= 0"),
     ({"data.workers": -2}, "config.data.workers must be an integer >= -1"),
+    ({"tta": "mirror"}, "config.tta must be one of , flip, flip_translate"),
     ({"data.interpolation": "lanczos"}, "config.data.interpolation must be one of bicubic, bilinear, nearest"),
     ({"eval_batch_size": 118}, "eval_batch_size 118 does not split over the data-parallel size 8"),
     ({"mix.prob": 1.5}, "config.mix.prob must be a finite number >= 0 and <= 1"),

@@ -33,8 +33,8 @@ def _portable(s):
 
 def _logits_fn(s, variable_shardings, apply=None):
     """jit of (variables, batch) -> (logits, label, mask); `apply(variables, images)` defaults to
-    the float model."""
-    apply = apply or _float_apply(s)
+    the float model; with `config.tta`, averaged over its views."""
+    apply = step_lib.test_time_augmented(apply or _float_apply(s), s.config.tta)
 
     def fn(variables, batch):
         images = step_lib.normalize(batch["image"], s.card.mean, s.card.std)

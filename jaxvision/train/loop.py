@@ -90,7 +90,7 @@ def load_teacher(s: Setup):
 
 def jit_eval_step(s: Setup, variable_shardings):
     step = step_lib.make_eval_step(s.model, num_classes=s.num_classes, mean=s.card.mean,
-                                   std=s.card.std, confusion=s.config.per_class_metrics)
+                                   std=s.card.std, confusion=s.config.per_class_metrics, tta=s.config.tta)
     return jax.jit(step, in_shardings=(variable_shardings, s.batch_shardings(with_mask=True)),
                    out_shardings=mesh_lib.replicated(s.mesh))
 

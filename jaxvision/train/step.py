@@ -163,11 +163,43 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, opts: St
     return train_step
 
 
-def make_eval_step(model: nn.Module, *, num_classes: int, mean, std, confusion: bool = False):
+TTA_MODES = ("", "flip", "flip_translate")
+
+
+def _shift(images, pixels: int):
+    """Images moved `pixels` down and right (up and left if negative), edges repeated."""
+    h, w = images.shape[1:3]
+    if pixels > 0:
+        return jnp.pad(images, ((0, 0), (pixels, 0), (pixels, 0), (0, 0)), mode="edge")[:, :h, :w]
+    return jnp.pad(images, ((0, 0), (0, -pixels), (0, -pixels), (0, 0)), mode="edge")[:, -pixels:, -pixels:]
+
+
+def test_time_augmented(apply, mode: str):
+    """`apply(variables, images)` with its logits averaged over views of the images (the CIFAR speed
+    recipes' test-time augmentation, for any model): "flip", the images and their mirror images;
+    "flip_translate", those and each moved by 1/16 of the side towards both diagonal corners
+    (six views); "", the images alone. The views go through one vmapped apply."""
+    if not mode:
+        return apply
+
+    def averaged(variables, images):
+        views = [images, images[:, :, ::-1]]
+        if mode == "flip_translate":
+            step = max(1, images.shape[1] // 16)
+            views += [_shift(v, d) for v in views for d in (step, -step)]
+        logits = jax.vmap(lambda x: apply(variables, x))(jnp.stack(views))
+        return jnp.mean(logits.astype(jnp.float32), axis=0)
+    return averaged
+
+
+def make_eval_step(model: nn.Module, *, num_classes: int, mean, std, confusion: bool = False, tta: str = ""):
     """Sums over the real (masked) examples of a batch; with `confusion`, also the
-    (true class, predicted class) count matrix for per-class metrics."""
+    (true class, predicted class) count matrix for per-class metrics; `tta` as
+    `test_time_augmented`."""
+    apply = test_time_augmented(lambda variables, images: model.apply(variables, images, train=False), tta)
+
     def eval_step(variables: dict, batch: dict):
-        logits = model.apply(variables, normalize(batch["image"], mean, std), train=False)
+        logits = apply(variables, normalize(batch["image"], mean, std))
         mask, labels = batch["mask"], batch["label"]
         loss = losses.cross_entropy(logits, jax.nn.one_hot(labels, num_classes))
         out = {"loss": jnp.sum(loss * mask), "count": jnp.sum(mask),
