@@ -20,6 +20,9 @@ def base() -> ml_collections.ConfigDict:
     # else the architecture's default), or a local .safetensors/.pth file or folder; the weights'
     # own preprocessing then applies. See jaxvision.models.pretrained; the alternative to init_from.
     c.model.pretrained = ""
+    # > 0: start the first convolution as filters that whiten the patches of this many training
+    # images (the CIFAR speed recipes' first layer; jaxvision.train.whiten)
+    c.model.whiten = 0
     # The ops the model is traced with (jaxvision.backends): auto (the CPU backend for CPU meshes
     # when jaxvision[cpu] is installed, cuDNN attention on GPU, else portable) | portable | cpu
     c.backend = "auto"
@@ -200,7 +203,7 @@ def check(c) -> None:
             fail(path, "one of " + ", ".join(map(str, options)))
 
     number("data.workers", -1, integer=True)
-    for path in ("seed", "model.num_classes", "data.image_size", "eval_batch_size",
+    for path in ("seed", "model.num_classes", "model.whiten", "data.image_size", "eval_batch_size",
                  "num_steps", "run_steps", "optim.warmup_steps", "eval_every", "checkpoint_every",
                  "fsdp_min_size", "log_every"):
         number(path, 0, integer=True)

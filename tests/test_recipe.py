@@ -1,6 +1,7 @@
 """The training recipe: optimizers, layer-wise decay, masks, freezing, EMA, losses, sampling,
 per-class metrics, RandAugment / Random Erasing."""
 
+import functools
 import json
 import os
 
@@ -251,6 +252,59 @@ def test_test_time_augmentation_leaves_a_flip_invariant_model_unchanged():
     moved = step_lib._shift(images, 2)
     np.testing.assert_array_equal(moved[:, 2:, 2:], images[:, :-2, :-2])
     np.testing.assert_array_equal(step_lib._shift(images, -2)[:, :-2, :-2], images[:, 2:, 2:])
+
+
+def _photo_crops(count: int, size: int = 24) -> np.ndarray:
+    """Standardised float32 NHWC crops of scikit-learn's two sample photos."""
+    from sklearn.datasets import load_sample_images
+
+    rng, photos = np.random.default_rng(0), load_sample_images().images
+    crops = []
+    for i in range(count):
+        photo = photos[i % 2]
+        top, left = rng.integers(0, photo.shape[0] - size), rng.integers(0, photo.shape[1] - size)
+        crops.append(photo[top:top + size, left:left + size])
+    crops = np.stack(crops).astype(np.float32) / 255.0
+    return (crops - crops.mean((0, 1, 2))) / crops.std((0, 1, 2))
+
+
+def test_the_whitened_first_layer_outputs_identity_covariance_on_the_data():
+    """Through the convolution itself (HWIO kernel, VALID): the d = 27 whitening filters' outputs
+    on the data have covariance within 1e-3 of the identity, the next 27 are their negations."""
+    from jaxvision.train import whiten
+
+    images = _photo_crops(60)
+    kernel = whiten.whitening_kernel(images, 3, 3, channels=64, eps=1e-9)
+    assert kernel.shape == (3, 3, 3, 54)
+    out = jax.lax.conv_general_dilated(jnp.asarray(images), jnp.asarray(kernel), (1, 1), "VALID",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    flat = np.asarray(out, np.float64).reshape(-1, 54)
+    cov = np.cov(flat[:, :27], rowvar=False, bias=True)
+    assert np.abs(cov - np.eye(27)).max() < 1e-3, np.abs(cov - np.eye(27)).max()
+    np.testing.assert_allclose(flat[:, 27:], -flat[:, :27], atol=1e-4)
+    raw = np.cov(np.asarray(jax.lax.conv_general_dilated(
+        jnp.asarray(images), jnp.ones((3, 3, 3, 1)), (1, 1), "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))).reshape(-1), bias=True)
+    assert raw > 10  # neighbouring pixels correlate: the data itself is far from white
+
+
+def test_model_whiten_sets_the_stem_of_a_zoo_model_and_keeps_its_other_filters():
+    from jaxvision.train import setup as setup_lib, whiten
+
+    config = tiny(**{"model.whiten": 50, "data.image_size": 16, "model.kwargs.width": 64})  # a 3x3x3 -> 64 stem
+    s = setup_lib.setup(config)
+    init, _, shardings = s.abstract_state(s.optimizer(10))
+    state = jax.jit(init, out_shardings=shardings)()
+    path = whiten.first_conv(state.params)
+    assert path == ("conv1", "kernel")
+    before = np.asarray(functools.reduce(lambda n, k: n[k], path, state.params))
+    after = np.asarray(functools.reduce(lambda n, k: n[k], path, loop.whiten_first_conv(s, state).params))
+    images = whiten.sample(s.train_source, setup_lib.eval_transform(s), 50, s.card.mean, s.card.std, config.seed)
+    want = whiten.whitening_kernel(images, *before.shape[:2], before.shape[-1])
+    k = want.shape[-1]
+    assert (k, after.shape[-1]) == (54, 64)  # 27 whitening filters, their negations, 10 left as they were
+    np.testing.assert_allclose(after[..., :k], want, rtol=1e-6)
+    np.testing.assert_array_equal(after[..., k:], before[..., k:])
 
 
 class _Fixed:

@@ -6,6 +6,7 @@ The loop never waits on the device except to log every `log_every` steps and to 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from jaxvision.parallel import preemption, sharding
 from jaxvision.train import evaluate as eval_lib
 from jaxvision.train import optim
 from jaxvision.train import step as step_lib
+from jaxvision.train import whiten
 from jaxvision.train.setup import Setup, eval_transform, identity, initial_weights, setup, train_transform
 from jaxvision.train.writer import MetricWriter, evaluations, table
 
@@ -143,6 +145,28 @@ def train(config, workdir: str) -> dict:
         return _train(config, workdir, wall_start)
 
 
+def whiten_first_conv(s: Setup, state):
+    """`state` with its first convolution's leading filters whitening the patches of
+    `model.whiten` training images (train/whiten.py), set in place on the devices; EMA too."""
+    path = whiten.first_conv(state.params)
+    if not path:
+        raise UserError(f"model.whiten: {s.config.model.name} has no convolution to whiten")
+    kernel_shape = functools.reduce(lambda node, key: node[key], path, state.params).shape
+    images = whiten.sample(s.train_source, eval_transform(s), s.config.model.whiten, s.card.mean, s.card.std,
+                           s.config.seed)
+    kernel = whiten.whitening_kernel(images, *kernel_shape[:2], kernel_shape[-1])
+
+    def put(tree):
+        return jax.tree_util.tree_map_with_path(
+            lambda p, x: jax.jit(lambda old: old.at[..., :kernel.shape[-1]].set(kernel.astype(old.dtype)),
+                                 out_shardings=x.sharding)(x)
+            if tuple(k.key for k in p) == path else x, tree)
+    logging.info("whitened %s from %d images (%d of %d filters)", "/".join(path), len(images),
+                 kernel.shape[-1], kernel_shape[-1])
+    ema = None if state.ema is None else {**state.ema, "params": put(state.ema["params"])}
+    return state.replace(params=put(state.params), ema=ema)
+
+
 def _train(config, workdir: str, wall_start: float) -> dict:
     s = setup(config)
     local_batch = mesh_lib.check_batch(config.batch_size, s.mesh)
@@ -165,6 +189,8 @@ def _train(config, workdir: str, wall_start: float) -> dict:
             ema = None if state.ema is None else {"params": params, "batch_stats": stats}
             state = state.replace(params=params, batch_stats=stats, ema=ema)
             logging.info("initialised from %s (new head: %s)", source, heads or "none")
+        if config.model.whiten:
+            state = whiten_first_conv(s, state)
     train_step = jit_train_step(s, tx, shapes, shardings)
     eval_step = jit_eval_step(s, shardings.variables())
     teacher = load_teacher(s)
