@@ -30,26 +30,28 @@ static void warn_as_error(j_common_ptr cinfo, int level) {
   if (level < 0) fail(cinfo); /* level -1 is a warning: corrupt or truncated data */
 }
 
-#define SETUP(cinfo, err, message)                 \
-  struct jpeg_decompress_struct cinfo;             \
-  Errors err;                                      \
-  cinfo.err = jpeg_std_error(&err.pub);            \
-  err.pub.error_exit = fail;                       \
-  err.pub.emit_message = warn_as_error;            \
-  err.message = message;                           \
-  jpeg_create_decompress(&cinfo);
+/* Declares `cinfo` reading `data`, its header read; a libjpeg error or warning anywhere after
+ * this returns 1 from the calling function, with `message` set. */
+#define OPEN(cinfo, data, size, message)   \
+  struct jpeg_decompress_struct cinfo;     \
+  Errors err;                              \
+  cinfo.err = jpeg_std_error(&err.pub);    \
+  err.pub.error_exit = fail;               \
+  err.pub.emit_message = warn_as_error;    \
+  err.message = message;                   \
+  jpeg_create_decompress(&cinfo);          \
+  if (setjmp(err.jump)) {                  \
+    jpeg_destroy_decompress(&cinfo);       \
+    return 1;                              \
+  }                                        \
+  jpeg_mem_src(&cinfo, data, size);        \
+  jpeg_read_header(&cinfo, TRUE);
 
 /* Header only: width, height and whether libjpeg can give RGB (not for CMYK / YCCK).
  * Returns 0, or 1 with `message` set. */
 int jv_jpeg_header(const unsigned char *data, unsigned long size, int *width, int *height,
                    int *rgb, char *message) {
-  SETUP(cinfo, err, message)
-  if (setjmp(err.jump)) {
-    jpeg_destroy_decompress(&cinfo);
-    return 1;
-  }
-  jpeg_mem_src(&cinfo, data, size);
-  jpeg_read_header(&cinfo, TRUE);
+  OPEN(cinfo, data, size, message)
   *width = (int)cinfo.image_width;
   *height = (int)cinfo.image_height;
   *rgb = cinfo.jpeg_color_space == JCS_YCbCr || cinfo.jpeg_color_space == JCS_GRAYSCALE ||
@@ -66,13 +68,7 @@ int jv_jpeg_decode(const unsigned char *data, unsigned long size, int scale_num,
                    int w, int h, unsigned char *out, int capacity, int *out_width, int *x_offset,
                    char *message) {
   JSAMPROW rows[16];
-  SETUP(cinfo, err, message)
-  if (setjmp(err.jump)) {
-    jpeg_destroy_decompress(&cinfo);
-    return 1;
-  }
-  jpeg_mem_src(&cinfo, data, size);
-  jpeg_read_header(&cinfo, TRUE);
+  OPEN(cinfo, data, size, message)
   cinfo.out_color_space = JCS_RGB;
   cinfo.scale_num = (unsigned int)scale_num;
   cinfo.scale_denom = 8;
