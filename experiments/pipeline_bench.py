@@ -28,13 +28,18 @@ from jaxvision.train import loop
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def host_rate(source, transform, batch: int, seconds: float, threads: int) -> float:
-    it = iter(pipeline.train_batches(source, transform, batch_size=batch, seed=0, threads=threads))
-    next(it)  # start-up
+def rate(batches, seconds: float) -> float:
+    """Images/s of an endless batch iterator, after its first batch (start-up) is out."""
+    next(batches)
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        n += len(next(it)["label"])
+        batch = next(batches)
+        n += len(batch["label"] if isinstance(batch, dict) else batch[1])  # grain's dict, torch's tuple
     return n / (time.perf_counter() - start)
+
+
+def host_rate(source, transform, batch: int, seconds: float, threads: int) -> float:
+    return rate(iter(pipeline.train_batches(source, transform, batch_size=batch, seed=0, threads=threads)), seconds)
 
 
 def make_224_folder(source: sources.FolderSource, out: str, count: int = 2000) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 from absl import flags
@@ -27,18 +26,9 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from jaxvision.data import folder_to_tfds, pipeline, sources, transforms
+from pipeline_bench import rate  # experiments/ is the script's path
 
 BATCH = 32
-
-
-def rate(batches, seconds: float) -> float:
-    """Images/s of an endless batch iterator, after its first batch (start-up) is out."""
-    next(batches)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        batch = next(batches)
-        n += len(batch["label"] if isinstance(batch, dict) else batch[1])  # grain's dict, torch's tuple
-    return n / (time.perf_counter() - start)
 
 
 def forever(make):

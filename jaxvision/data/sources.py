@@ -2,12 +2,11 @@
 
 A source yields ``{"image", "label"}`` by index. `raw(i)` hands the image over as stored: pixels
 (uint8 (H, W, 3)) for in-memory data, the encoded file (`decode.EncodedImage`) for folders and
-TFDS, so that a transform decodes only the crop it keeps. `load(i)` decodes it, and is None for an
-unreadable image, reported once per process with its path; `source[i]` serves the next readable
-image in its place. The pipeline (`pipeline.py`) applies the same two rules to `raw` plus the
-transform: training substitutes the next readable image (one corrupt JPEG in a million never stops
-a run, and the data order stays a pure function of the step for exact resume); evaluation leaves
-the image out of every metric, never replaced.
+TFDS, so that a transform decodes only the crop it keeps. `source[i]` decodes it, serving the next
+readable image in place of an unreadable one, which is reported once per process with its path.
+The pipeline (`pipeline.py`) applies the same rule to `raw` plus the transform in training (one
+corrupt JPEG in a million never stops a run, and the data order stays a pure function of the step
+for exact resume); evaluation leaves an unreadable image out of every metric, never replaced.
 
 Dataset names: ``digits``, ``folder:/path/to/root`` (one subfolder per class), ``tfds:NAME``.
 """
@@ -60,8 +59,8 @@ def report_unreadable(error: decode.Unreadable) -> None:
 
 
 class Source:
-    """Base: `raw` (as stored), `load` (decoded; None for an unreadable element) and `__getitem__`
-    (the next readable one in its place); subclasses implement `raw`."""
+    """Base: `raw` (as stored) and `__getitem__` (decoded; the next readable one in place of an
+    unreadable element); subclasses implement `raw`."""
 
     class_names: Sequence[str]
 
@@ -78,14 +77,6 @@ class Source:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
-
-    def load(self, index: int) -> dict | None:
-        try:
-            example = self.raw(index)
-            return {**example, "image": decode.pixels(example["image"])}
-        except decode.Unreadable as e:
-            report_unreadable(e)
-            return None
 
     def __getitem__(self, index: int) -> dict:
         return first_readable(self, index, lambda example: {**example, "image": decode.pixels(example["image"])})

@@ -155,14 +155,16 @@ def whiten_first_conv(s: Setup, state):
     images = whiten.sample(s.train_source, eval_transform(s), s.config.model.whiten, s.card.mean, s.card.std,
                            s.config.seed)
     kernel = whiten.whitening_kernel(images, *kernel_shape[:2], kernel_shape[-1])
+    lead = kernel.shape[-1]
+
+    def set_leading(old):
+        return jax.jit(lambda x: x.at[..., :lead].set(kernel.astype(x.dtype)), out_shardings=old.sharding)(old)
 
     def put(tree):
         return jax.tree_util.tree_map_with_path(
-            lambda p, x: jax.jit(lambda old: old.at[..., :kernel.shape[-1]].set(kernel.astype(old.dtype)),
-                                 out_shardings=x.sharding)(x)
-            if tuple(k.key for k in p) == path else x, tree)
+            lambda p, x: set_leading(x) if tuple(k.key for k in p) == path else x, tree)
     logging.info("whitened %s from %d images (%d of %d filters)", "/".join(path), len(images),
-                 kernel.shape[-1], kernel_shape[-1])
+                 lead, kernel_shape[-1])
     ema = None if state.ema is None else {**state.ema, "params": put(state.ema["params"])}
     return state.replace(params=put(state.params), ema=ema)
 
