@@ -37,6 +37,9 @@ def base() -> ml_collections.ConfigDict:
     c.data.image_size = 0  # 0: the model card's input size
     c.data.augment = "rrc_flip"  # rrc_flip | pad_crop_flip | pad_crop | none
     c.data.rrc_scale = (0.08, 1.0)
+    c.data.flip = "random"  # *_flip augments: random | alternate (each image mirrored every other epoch)
+    c.data.translate = 0  # pad_crop*: the largest shift in pixels; 0: image_size / 8
+    c.data.pad_mode = "constant"  # pad_crop*: constant (zeros) | reflect
     c.data.crop_pct = 0.0  # 0: the model card's
     c.data.interpolation = ""  # "": the model card's
     c.data.randaugment = ""  # timm-style, e.g. "rand-m9-mstd0.5" ("" = off)
@@ -71,6 +74,9 @@ def base() -> ml_collections.ConfigDict:
     c.optim.grad_clip = 0.0  # global-norm clipping; 0 = off
     c.optim.accumulate = 1  # gradient accumulation steps (optax.MultiSteps)
     c.optim.layer_decay = 0.0  # layer-wise lr decay factor in (0, 1); 0 = off
+    # ((regex, factor), ...): updates of parameters whose path (groups_0/norm1/bias) a regex matches
+    # first are scaled by its factor, e.g. (("bias", 64.0),) for the CIFAR speed recipes' biases
+    c.optim.lr_mults = ()
     c.optim.trainable = ""  # regex over parameter paths (layer1/0/conv1/kernel): only these train
     c.optim.frozen = ""  # regex: these get no updates and no optimizer state
 
@@ -216,6 +222,9 @@ def check(c) -> None:
     if get("data.interpolation"):  # "": the model card's
         choice("data.interpolation", transforms.INTERPOLATIONS)
     choice("data.remode", augment.ERASE_MODES)
+    choice("data.flip", transforms.FLIPS)
+    choice("data.pad_mode", transforms.PAD_MODES)
+    number("data.translate", 0, integer=True)
     choice("data.sampling", ("uniform", "balanced"))
     number("data.val_fraction", 0, 1, high_open=True)
     number("data.crop_pct", 0, 1)
@@ -244,6 +253,13 @@ def check(c) -> None:
             re.compile(get(path))
         except re.error as e:
             fail(path, f"a regular expression ({e})")
+    for rule in c.optim.lr_mults:
+        if not isinstance(rule, (tuple, list)) or len(rule) != 2 or _num(rule[1]) is None:
+            fail(f"{o}.lr_mults", "((regex, factor), ...), e.g. (('bias', 64.0),)")
+        try:
+            re.compile(rule[0])
+        except (re.error, TypeError) as e:
+            fail(f"{o}.lr_mults", f"((regex, factor), ...) with regular expressions ({e})")
     number("ema.decay", 0, 1, high_open=True)
     for path in ("mix.mixup_alpha", "mix.cutmix_alpha"):
         number(path, 0)

@@ -37,6 +37,9 @@ REFERENCE_PARAMS.update({
 # The seeds' historical networks: torchvision's counts (GoogLeNet with aux_logits=False, as its
 # weights are served); LeNet-5's classic 61,706.
 REFERENCE_PARAMS.update({"lenet5": 61_706, "alexnet": 61_100_840, "googlenet": 6_624_904})
+# The CIFAR speed records' network, 10 classes: the trainable parameters of its PyTorch port
+# (experiments/cifar10_speed_torch.py, whose frozen BatchNorm scales jaxvision does not create).
+REFERENCE_PARAMS.update({"speednet": 1_971_640})
 
 # One small model per family for the forward tests.
 FAMILY_REPS = ["resnet18", "efficientnet_b0", "tf_efficientnet_b0", "mobilenetv2_100",

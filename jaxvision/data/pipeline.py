@@ -38,16 +38,24 @@ def _read(ds: grain.MapDataset, threads: int, workers: int) -> grain.IterDataset
     return out
 
 
+def _with_position(position: int, index: int) -> tuple[int, int]:
+    return position, index
+
+
 class _TrainExample:
-    """grain random map: index -> transformed example, the image decoded as the transform needs;
-    an unreadable image is reported and the next readable one takes its place, so batches keep
-    their size and the data stay a pure function of the step."""
+    """grain random map: (position in the stream, source index) -> transformed example, the image
+    decoded as the transform needs, which also learns the index and the epoch (for alternating
+    flips); an unreadable image is reported and the next readable one takes its place, so batches
+    keep their size and the data stay a pure function of the step."""
 
     def __init__(self, source: Source, transform):
         self.source, self.transform = source, transform
 
-    def __call__(self, index: int, rng: np.random.Generator) -> dict:
-        return first_readable(self.source, int(index), lambda example: self.transform(example, rng))
+    def __call__(self, element: tuple[int, int], rng: np.random.Generator) -> dict:
+        position, index = map(int, element)
+        epoch = position // len(self.source)
+        return first_readable(self.source, index,
+                              lambda example: self.transform(example, rng, index=index, epoch=epoch))
 
 
 class BalancedOrder:
@@ -81,7 +89,8 @@ def train_batches(source: Source, transform, *, batch_size: int, seed: int, star
             BalancedOrder(labels_of(source), seed)).seed(seed)
     else:
         ds = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat()
-    ds = ds.random_map(_TrainExample(source, transform)).batch(batch_size, drop_remainder=True)
+    ds = ds.map_with_index(_with_position).random_map(_TrainExample(source, transform))
+    ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds[jax.process_index()::jax.process_count()][start_step:]
     return _read(ds, threads, workers)
 

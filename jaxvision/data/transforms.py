@@ -9,6 +9,9 @@ inside the jitted step, so the host sends a quarter of the bytes float32 would n
 Training augmentations (`augment`): ``rrc_flip`` (Inception-style random-resized-crop and
 horizontal flip, the ImageNet default), ``pad_crop_flip`` (pad 4 and random crop, the CIFAR
 default), ``pad_crop`` (for data where a flip changes the class, like digits), ``none``.
+Flips are ``random`` (each view a coin toss) or ``alternate``: an image's flip is a coin toss in
+its first epoch and the opposite of the previous epoch's ever after, so any two consecutive epochs
+show every image both ways (the CIFAR speed recipes'), still a pure function of the step.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from jaxvision.data.decode import INTERPOLATIONS, crop_resize, shape_of
 from jaxvision.errors import UserError
 
 AUGMENTATIONS = ("rrc_flip", "pad_crop_flip", "pad_crop", "none")
+FLIPS = ("random", "alternate")
+PAD_MODES = ("constant", "reflect")
 
 
 def resize(image, height: int, width: int, interpolation: str) -> np.ndarray:
@@ -58,14 +63,26 @@ def random_resized_crop(image, rng: np.random.Generator, size: int, scale=(0.08,
     return crop_resize(image, random_box(*shape_of(image), rng, scale, ratio), size, size, interpolation)
 
 
-def pad_random_crop(image, rng: np.random.Generator, size: int, interpolation="bicubic"):
-    """Resize to `size`, zero-pad by size/8 on each side (4 px at CIFAR's 32), take a random
-    `size` crop."""
-    pad = max(1, size // 8)
+def pad_random_crop(image, rng: np.random.Generator, size: int, interpolation="bicubic", pad: int = 0,
+                    mode: str = "constant"):
+    """Resize to `size`, pad by `pad` pixels on each side (0: size/8, 4 px at CIFAR's 32) with
+    zeros (`mode` "constant") or the mirrored edge ("reflect"), take a random `size` crop: a
+    translation by up to `pad` pixels each way."""
+    pad = pad or max(1, size // 8)
     image = resize(image, size, size, interpolation)
-    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode=mode)
     top, left = rng.integers(0, 2 * pad + 1, size=2)
     return padded[top:top + size, left:left + size]
+
+
+def first_flip(seed: int, index: int) -> bool:
+    """The coin toss that starts image `index`'s alternating flips: a 64-bit mix of (seed, index)
+    (splitmix64's finaliser): no generator to seed per image."""
+    mask = (1 << 64) - 1
+    x = (index * 0x9E3779B97F4A7C15 + (seed + 1) * 0xD1B54A32D192ED03) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return bool((x ^ (x >> 31)) >> 63)
 
 
 def center_box(height: int, width: int, size: int, crop_pct: float) -> tuple[float, float, float, float]:
@@ -96,6 +113,10 @@ class TrainTransform:
     randaugment: str = ""  # e.g. "rand-m9-mstd0.5"
     reprob: float = 0.0  # random erasing probability
     remode: str = "pixel"
+    flip: str = "random"  # random | alternate (module docstring)
+    translate: int = 0  # pad_crop*: the largest shift in pixels; 0: size / 8
+    pad_mode: str = "constant"  # pad_crop*: constant (zeros) | reflect
+    seed: int = 0  # alternate flips: which images start flipped
 
     def __post_init__(self):
         if self.augment not in AUGMENTATIONS:
@@ -106,18 +127,27 @@ class TrainTransform:
             raise UserError(f"unknown interpolation {self.interpolation!r}; choose from {', '.join(INTERPOLATIONS)}")
         if self.remode not in augment_lib.ERASE_MODES:
             raise UserError(f"unknown remode {self.remode!r}; choose from {', '.join(augment_lib.ERASE_MODES)}")
+        if self.flip not in FLIPS:
+            raise UserError(f"unknown flip {self.flip!r}; choose from {', '.join(FLIPS)}")
+        if self.pad_mode not in PAD_MODES:
+            raise UserError(f"unknown pad_mode {self.pad_mode!r}; choose from {', '.join(PAD_MODES)}")
 
-    def __call__(self, example: dict, rng: np.random.Generator) -> dict:
+    def __call__(self, example: dict, rng: np.random.Generator, *, index: int = 0, epoch: int = 0) -> dict:
+        """`index` (the image's position in its source) and `epoch` decide alternating flips."""
         image = example["image"]
         if self.augment == "rrc_flip":
             image = random_resized_crop(image, rng, self.size, tuple(self.scale),
                                         interpolation=self.interpolation)
         elif self.augment in ("pad_crop_flip", "pad_crop"):
-            image = pad_random_crop(image, rng, self.size, interpolation=self.interpolation)
+            image = pad_random_crop(image, rng, self.size, self.interpolation, self.translate, self.pad_mode)
         else:
             image = resize(image, self.size, self.size, self.interpolation)
-        if self.augment.endswith("flip") and rng.random() < 0.5:
-            image = cv2.flip(image, 1)  # a contiguous copy, 10x numpy's of a reversed view
+        if self.augment.endswith("flip"):
+            flip = rng.random() < 0.5  # drawn either way: the later draws do not depend on `flip`
+            if self.flip == "alternate":
+                flip = first_flip(self.seed, index) != bool(epoch % 2)
+            if flip:
+                image = cv2.flip(image, 1)  # a contiguous copy, 10x numpy's of a reversed view
         if self._randaugment is not None:
             image = self._randaugment(np.ascontiguousarray(image), rng)
         if self.reprob > 0:

@@ -11,7 +11,7 @@ gives a platform's own, e.g. the CPU backend's kernels.
 """
 
 from jaxvision.models import (  # noqa: F401  (registration)
-    classic, convnext, efficientnet, inception, mobilenet, resnet, swin, vgg, vit)
+    classic, convnext, efficientnet, inception, mobilenet, resnet, speednet, swin, vgg, vit)
 from jaxvision.models.ops import Ops
 from jaxvision.models.registry import ModelCard, architecture, create, list_models, model_card
 from jaxvision.models.util import count_params, init_shapes, output_shapes

@@ -20,6 +20,8 @@ from jaxvision.errors import UserError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 # Top-level module names of classifier heads across the zoo (timm's names).
 HEAD_NAMES = ("fc", "classifier", "head", "head_dist")
 

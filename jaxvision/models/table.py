@@ -22,7 +22,7 @@ def markdown(counts: dict | None = None) -> str:
         card = registry.model_card(name, feature_info=False)
         params = (counts or {}).get(name) or util.count_params(
             util.init_shapes(registry.create(name), image_size=32)["params"])
-        norm = "0.5" if card.mean == (0.5, 0.5, 0.5) else "ImageNet"
+        norm = {registry.HALF: "0.5", registry.CIFAR10_MEAN: "CIFAR-10"}.get(card.mean, "ImageNet")
         lines.append(f"| {name} | {card.family} | {params:,} | {card.input_size} | {norm} | {card.top1} |")
     return "\n".join(lines)
 

@@ -169,8 +169,17 @@ def whiten_first_conv(s: Setup, state):
     return state.replace(params=put(state.params), ema=ema)
 
 
+def holds_out_nothing(config) -> bool:
+    """An image folder's "val" split with `val_fraction` 0 is empty by choice: train on every
+    image and skip evaluation (any other empty split is an error)."""
+    return (config.data.eval_split == "val" and float(config.data.val_fraction) == 0
+            and (config.data.eval_dataset or config.data.dataset).startswith("folder:"))
+
+
 def _train(config, workdir: str, wall_start: float) -> dict:
-    s = setup(config)
+    s = setup(config, evaluate=not holds_out_nothing(config))
+    if s.eval_source is None:
+        logging.info("data.val_fraction is 0: training on every image, without evaluation")
     local_batch = mesh_lib.check_batch(config.batch_size, s.mesh)
     steps = total_steps(config, len(s.train_source))
     tx = s.optimizer(steps)
@@ -226,7 +235,7 @@ def _train(config, workdir: str, wall_start: float) -> dict:
             pending.append(metrics)
             bar.update(1)
             log_now = step % log_every == 0 or step == stop_at
-            eval_now = step % eval_every == 0 or step == steps
+            eval_now = s.eval_source is not None and (step % eval_every == 0 or step == steps)
             save_now = (config.checkpoint_every and step % config.checkpoint_every == 0) or step == stop_at
             stop_now = watch.reached(step) and step < stop_at
             if log_now or eval_now or save_now or stop_now:  # a sync point: nothing non-finite goes on

@@ -5,7 +5,8 @@ the schedule as its learning rate and, by name, the fields of `config.optim` it 
 momentum with nesterov (where it takes both: sgd, lars, rmsprop), weight decay with its mask, and
 anything in `optim.kwargs`. An optimizer without weight decay of its own is chained after optax's
 `add_decayed_weights`. Then: schedule (cosine, linear, step, constant) with warm-up, grad_clip
-(global norm, 0 = off), freezing, layer-wise decay, accumulate (gradient accumulation steps).
+(global norm, 0 = off), freezing, layer-wise decay, learning-rate multipliers by parameter path
+(lr_mults), accumulate (gradient accumulation steps).
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ def optimizer(cfg, total_steps: int, model_name: str | None = None,
         tx = freeze(tx, trainable_mask(params, cfg.get("trainable", ""), cfg.get("frozen", "")))
     decay = float(cfg.get("layer_decay", 0.0))
     if 0.0 < decay < 1.0:
-        tx = optax.chain(tx, scale_by_layer(model_name, params, decay))
+        tx = optax.chain(tx, scale_each(layer_scales(model_name, params, decay)))
+    if cfg.get("lr_mults"):
+        tx = optax.chain(tx, scale_each(lr_multipliers(params, cfg.get("lr_mults"))))
     if accumulate > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=accumulate)
     return tx
@@ -149,12 +152,23 @@ def layer_scales(model_name: str, params, decay: float) -> dict:
     return jax.tree_util.tree_map(lambda i: decay ** (num - 1 - i), ids)
 
 
-def scale_by_layer(model_name: str, params, decay: float) -> optax.GradientTransformation:
-    """Scale each parameter's update by its layer's factor (works after any optimizer/schedule)."""
-    scales = layer_scales(model_name, params, decay)
+def scale_each(scales) -> optax.GradientTransformation:
+    """Scale each parameter's update by its factor in `scales` (a tree like the parameters); works
+    after any optimizer and schedule."""
     labels = jax.tree_util.tree_map(lambda s: f"{s!r}", scales)
     return optax.multi_transform({label: optax.scale(float(label)) for label in
                                   set(jax.tree_util.tree_leaves(labels))}, labels)
+
+
+def lr_multipliers(params, mults) -> dict:
+    """Per parameter, the factor of the first (regex, factor) pair in `mults` whose regex matches
+    its path (``groups_0/norm1/bias``; big_vision's `lr_mults`), else 1."""
+    rules = [(re.compile(regex), float(factor)) for regex, factor in mults]
+
+    def one(path, _):
+        p = path_string(path)
+        return next((f for regex, f in rules if regex.search(p)), 1.0)
+    return jax.tree_util.tree_map_with_path(one, params)
 
 
 # --- freezing ----------------------------------------------------------------------------------

@@ -136,7 +136,7 @@ def train_transform(s: Setup) -> transforms.TrainTransform:
     d = s.config.data
     return transforms.TrainTransform(s.image_size, d.augment, tuple(d.rrc_scale),
                                      d.interpolation or s.card.interpolation, d.randaugment,
-                                     d.reprob, d.remode)
+                                     d.reprob, d.remode, d.flip, d.translate, d.pad_mode, s.config.seed)
 
 
 def eval_transform(s: Setup) -> transforms.EvalTransform:

@@ -38,14 +38,16 @@ def whitening_kernel(images: np.ndarray, kh: int, kw: int, channels: int, eps: f
     return filters.reshape(kh, kw, images.shape[-1], -1).astype(np.float32)
 
 
-def first_conv(params) -> tuple[str, ...]:
-    """Path of the first 4-D `kernel` in creation order: the stem convolution of a zoo model."""
-    for name, value in params.items():
+def first_conv(params, channels: int = 3) -> tuple[str, ...]:
+    """Path of the convolution that sees the image: the 4-D `kernel` taking `channels` inputs
+    (the first such in key order; the parameter trees jit returns have their keys sorted, so
+    creation order is lost)."""
+    for name, value in sorted(params.items()):
         if hasattr(value, "items"):
-            found = first_conv(value)
+            found = first_conv(value, channels)
             if found:
                 return (name,) + found
-        elif name == "kernel" and np.ndim(value) == 4:
+        elif name == "kernel" and np.ndim(value) == 4 and np.shape(value)[2] == channels:
             return (name,)
     return ()
 
