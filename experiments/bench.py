@@ -97,12 +97,12 @@ class JaxBench:
         tx = optim.optimizer(ml_collections.ConfigDict(cfg), 1000)
         init, shapes, shardings = state_lib.abstract_state(self.model, tx, size, mesh, 2 ** 62)
         self.state = jax.jit(init, out_shardings=shardings)()
-        opts = step_lib.StepOptions(num_classes=1000, mean=card.mean, std=card.std)
+        opts = step_lib.StepOptions(num_classes=card.num_classes, mean=card.mean, std=card.std)
         step = step_lib.make_train_step(self.model, tx, opts, mesh)
         self.train_step = jax.jit(step, donate_argnums=0)
         rng = np.random.RandomState(0)
         self.batch = {"image": jnp.asarray(rng.randint(0, 256, (batch, size, size, 3)), jnp.uint8),
-                      "label": jnp.asarray(rng.randint(0, 1000, (batch,)), jnp.int32)}
+                      "label": jnp.asarray(rng.randint(0, card.num_classes, (batch,)), jnp.int32)}
         t = time.perf_counter()
         compiled = self.train_step.lower(self.state, self.batch).compile()
         self.compile_seconds = time.perf_counter() - t
