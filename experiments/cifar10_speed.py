@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -26,10 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cpu_name() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip() + (" (AMX)" if " amx" in open("/proc/cpuinfo").read() else "")
-    return platform.processor()
+    info = open("/proc/cpuinfo").read()
+    model = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
+    return (model.group(1) if model else platform.processor()) + (" (AMX)" if " amx" in info else "")
 
 
 def run_jaxvision(recipe: str, folder: str, seed: int, val_fraction: float) -> dict:

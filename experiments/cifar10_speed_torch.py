@@ -27,6 +27,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from jaxvision import config as config_lib, models
 from jaxvision.data import sources
+from jaxvision.train import whiten
 
 PORTED = {  # the config fields this port implements, with their supported values (None: any)
     "model.name": ("speednet",), "data.augment": ("pad_crop_flip",), "optim.name": ("sgd",),
@@ -128,20 +129,6 @@ def augment(images, generator, translate, pad_mode, flip):
     return torch.where(flip.view(-1, 1, 1, 1), out.flip(3), out)
 
 
-def whitening_filters(images, width, eps=5e-4):
-    """jaxvision.train.whiten's filters: principal directions of the 2x2 patches over the square
-    roots of their variances, then their negations."""
-    patches = images.unfold(2, 2, 1).unfold(3, 2, 1)  # N, C, H', W', kh, kw
-    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * 4).double()
-    patches = patches[torch.randperm(len(patches))[:200_000]]
-    patches -= patches.mean(0)
-    variances, directions = torch.linalg.eigh(patches.T @ patches / len(patches))
-    order = variances.argsort(descending=True)
-    filters = directions[:, order] / torch.sqrt(variances[order] + eps)
-    filters = torch.cat([filters, -filters], dim=1)[:, :width]  # (C*kh*kw, out)
-    return filters.T.reshape(-1, 3, 2, 2).float()
-
-
 def shift(x, pixels):
     """Moved `pixels` down and right (negative: up and left), edges repeated (jaxvision's TTA)."""
     h, w = x.shape[2:]
@@ -193,9 +180,10 @@ def main():
     model = SpeedNet(**kwargs).to(memory_format=torch.channels_last)
     if c.model.whiten:
         picks = torch.randperm(len(images), generator=generator)[:c.model.whiten]
-        filters = whitening_filters(standardize(images[picks], mean, std), model.stem.out_channels)
+        nhwc = standardize(images[picks], mean, std).permute(0, 2, 3, 1).numpy()
+        kernel = whiten.whitening_kernel(nhwc, 2, 2, model.stem.out_channels)  # jaxvision's, in numpy
         with torch.no_grad():
-            model.stem.weight[:len(filters)] = filters
+            model.stem.weight[:kernel.shape[-1]] = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy())
     t_whiten = time.perf_counter()
 
     o = c.optim

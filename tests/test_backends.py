@@ -42,6 +42,7 @@ FAMILIES = [
     ("vgg16_bn", 32, {}),
     ("googlenet", 75, {}),  # the classic family: ceil-mode pooling at odd sizes
     ("inception_v3", 75, {}),
+    ("speednet", 32, {}),
 ]
 
 

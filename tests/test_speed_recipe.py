@@ -19,7 +19,7 @@ from jaxvision.errors import UserError
 from jaxvision.models import speednet
 from jaxvision.train import loop, optim, whiten
 from tests.images import image_folder
-from tests.test_engine import ROOT, configure
+from tests.test_engine import ROOT, configure, final_params
 
 
 def test_speednet_convolutions_start_as_the_identity_on_their_inputs():
@@ -109,17 +109,9 @@ def test_the_speed_recipes_train_and_evaluate_with_tta_on_a_folder(tmp_path, nam
     folder = image_folder(tmp_path / "data", per_class=12, size=(32, 32))
     summary = loop.train(_recipe(name, folder, **{"data.val_fraction": 0.3}), str(tmp_path / "run"))
     assert summary["steps"] == 3 and summary["final_val_top1"] is not None
-    kernel = _stem(tmp_path / "run")
+    kernel = np.asarray(final_params(tmp_path / "run")["stem"]["kernel"])
     assert np.abs(kernel).max() > 1  # whitening filters (unit-variance outputs), not a random start, and frozen
     assert summary["ops"]
-
-
-def _stem(workdir):
-    import orbax.checkpoint as ocp
-
-    m = ocp.CheckpointManager(str(workdir / "checkpoints"), item_names=("state", "data"))
-    state = m.restore(m.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    return np.asarray(state["params"]["stem"]["kernel"])
 
 
 def test_val_fraction_zero_trains_on_every_image_without_evaluating(tmp_path):

@@ -83,6 +83,5 @@ class SpeedNet(layers.ZooModule, kw_only=True):
         return head(x).astype(jnp.float32) * self.logit_scale
 
 
-_CARD = dict(family="speednet", input_size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD, crop_pct=1.0,
-             interpolation="bilinear", num_classes=10)
-register(ModelCard("speednet", **_CARD), SpeedNet)
+register(ModelCard("speednet", "speednet", input_size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD, crop_pct=1.0,
+                   interpolation="bilinear", num_classes=10), SpeedNet)
