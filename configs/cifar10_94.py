@@ -8,8 +8,10 @@ The argument is the folder (`<class>/<image>.jpg`). It trains on all of it (val_
 record setting); `--config.data.val_fraction=0.1` holds out 10% by file path as split "val" for
 tuning and for the README's figures. The recipe is configuration over general features:
 - first convolution: 2x2 filters whitening the data's patches (model.whiten), frozen;
-- BatchNorm without scale, biases at 64x the learning rate (optim.lr_mults);
+- BatchNorm without scale, biases at 64x the learning rate (optim.lr_mults) but the same weight
+  decay per step as every other parameter (optim.wd_mults);
 - Nesterov SGD, momentum 0.85, a triangular schedule (linear up over the first fifth, then to 0);
+- lookahead (ema.sync_every) whose average grows stronger over training;
 - label smoothing 0.2; translations by up to 2 px (reflected edges) and flips that alternate
   across epochs (data.flip=alternate);
 - test-time augmentation over flips and 1 px translations (tta=flip_translate), once at the end.
@@ -50,8 +52,12 @@ def get_config(arg=None):
     c.optim.schedule = "linear"
     c.optim.warmup_steps = 90  # a fifth of the steps
     c.optim.lr_mults = (("norm", 64.0),)
+    c.optim.wd_mults = (("norm", 1 / 64), (".", 1.0))  # every parameter decays at the same rate
     c.optim.frozen = "^stem/kernel"
     c.loss.label_smoothing = 0.2
+    c.ema.decay = 0.95 ** 5  # lookahead: every 5 steps the weights restart from their average,
+    c.ema.sync_every = 5     # which keeps 0.77 * (step / steps) ** 3 of the old average
+    c.ema.ramp = 3.0
     c.tta = "flip_translate"
 
     c.log_every = 20

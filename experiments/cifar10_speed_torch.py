@@ -32,7 +32,7 @@ from jaxvision.train import whiten
 PORTED = {  # the config fields this port implements, with their supported values (None: any)
     "model.name": ("speednet",), "data.augment": ("pad_crop_flip",), "optim.name": ("sgd",),
     "optim.schedule": ("linear",), "tta": ("", "flip", "flip_translate"), "mix.mixup_alpha": (0.0,),
-    "mix.cutmix_alpha": (0.0,), "ema.decay": (0.0,), "model.dtype": ("float32",), "optim.accumulate": (1,),
+    "mix.cutmix_alpha": (0.0,), "model.dtype": ("float32",), "optim.accumulate": (1,),
     "data.randaugment": ("",), "data.reprob": (0.0,), "optim.layer_decay": (0.0,), "optim.grad_clip": (0.0,),
 }
 
@@ -44,6 +44,16 @@ def check_ported(c):
             value = value[key]
         if value not in allowed:
             raise SystemExit(f"this port does not implement {path}={value!r} (only {allowed})")
+    if c.ema.decay and not c.ema.sync_every:
+        raise SystemExit("this port implements the EMA only as lookahead (ema.sync_every > 0)")
+
+
+def lookahead_decay(c, step: int, steps: int) -> float:
+    """jaxvision's ema_decay_at (train/step.py)."""
+    e = c.ema
+    if e.ramp > 0:
+        return e.decay * min(step / max(steps, 1), 1.0) ** e.ramp
+    return min(e.decay, (1 + step) / (10 + step)) if e.warmup else e.decay
 
 
 # --- the network: jaxvision/models/speednet.py, in torch -----------------------------------------
@@ -195,7 +205,10 @@ def main():
             p.requires_grad_(False)
             continue
         mult = next((float(f) for regex, f in o.lr_mults if re.search(regex, path)), 1.0)
-        decay = o.weight_decay if p.ndim > 1 else 0.0  # jaxvision's decay mask
+        if o.wd_mults:  # jaxvision's optim.wd_multipliers
+            decay = o.weight_decay * next((float(f) for regex, f in o.wd_mults if re.search(regex, path)), 0.0)
+        else:
+            decay = o.weight_decay if p.ndim > 1 else 0.0
         groups.setdefault((mult, decay), []).append(p)
     param_groups = [dict(params=ps, mult=m, weight_decay=d) for (m, d), ps in groups.items()]
     opt = torch.optim.SGD(param_groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
@@ -215,6 +228,7 @@ def main():
         order.append(torch.randperm(n, generator=generator))
         epoch_of.append(torch.full((n,), epoch))
     order, epoch_of = torch.cat(order), torch.cat(epoch_of)
+    slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
     model.train()
     for step in range(steps):
         idx = order[step * c.batch_size:(step + 1) * c.batch_size]
@@ -231,6 +245,12 @@ def main():
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if c.ema.decay and ((step + 1) % c.ema.sync_every == 0 or step + 1 == steps):  # lookahead
+            with torch.no_grad():
+                for k, v in model.state_dict().items():
+                    if k in slow:
+                        slow[k].lerp_(v, 1 - lookahead_decay(c, step, steps))
+                        v.copy_(slow[k])
         if step % 20 == 0:
             print(f"step {step}/{steps} loss {loss.item():.4f} {time.perf_counter() - t_whiten:.0f}s", flush=True)
     t_train = time.perf_counter()

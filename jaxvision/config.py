@@ -77,12 +77,19 @@ def base() -> ml_collections.ConfigDict:
     # ((regex, factor), ...): updates of parameters whose path (groups_0/norm1/bias) a regex matches
     # first are scaled by its factor, e.g. (("bias", 64.0),) for the CIFAR speed recipes' biases
     c.optim.lr_mults = ()
+    # ((regex, factor), ...): weight decay times the factor of the first regex matching the path,
+    # none where no regex matches; () decays kernels and matrices only (not biases, norms, embeddings).
+    # lr_mults scale the decay with the update: (("norm", 1 / 64), (".", 1.0)) beside a 64x norm rate
+    # decays everything at the same rate (the CIFAR speed recipes)
+    c.optim.wd_mults = ()
     c.optim.trainable = ""  # regex over parameter paths (layer1/0/conv1/kernel): only these train
     c.optim.frozen = ""  # regex: these get no updates and no optimizer state
 
     c.ema = ml_collections.ConfigDict()
     c.ema.decay = 0.0  # e.g. 0.9998; 0 = off. Evaluated alongside the raw weights (ema_val_*)
     c.ema.warmup = True
+    c.ema.ramp = 0.0  # > 0: decay * (step / total steps) ** ramp instead of the warm-up (airbench: 3)
+    c.ema.sync_every = 0  # > 0: lookahead, the weights restart from the average every N steps
 
     c.mix = ml_collections.ConfigDict()  # MixUp / CutMix, timm's options (see jaxvision.data.mix)
     c.mix.mixup_alpha = 0.0
@@ -253,14 +260,19 @@ def check(c) -> None:
             re.compile(get(path))
         except re.error as e:
             fail(path, f"a regular expression ({e})")
-    for rule in c.optim.lr_mults:
-        if not isinstance(rule, (tuple, list)) or len(rule) != 2 or _num(rule[1]) is None:
-            fail(f"{o}.lr_mults", "((regex, factor), ...), e.g. (('bias', 64.0),)")
-        try:
-            re.compile(rule[0])
-        except (re.error, TypeError) as e:
-            fail(f"{o}.lr_mults", f"((regex, factor), ...) with regular expressions ({e})")
+    for field, example in (("lr_mults", "(('bias', 64.0),)"), ("wd_mults", "(('kernel', 1.0),)")):
+        for rule in c.optim[field]:
+            if not isinstance(rule, (tuple, list)) or len(rule) != 2 or _num(rule[1]) is None:
+                fail(f"{o}.{field}", f"((regex, factor), ...), e.g. {example}")
+            try:
+                re.compile(rule[0])
+            except (re.error, TypeError) as e:
+                fail(f"{o}.{field}", f"((regex, factor), ...) with regular expressions ({e})")
     number("ema.decay", 0, 1, high_open=True)
+    number("ema.ramp", 0)
+    number("ema.sync_every", 0, integer=True)
+    if c.ema.sync_every and not c.ema.decay:
+        fail("ema.sync_every", "lookahead with ema.decay > 0 (how much of the slow weights stays per sync)")
     for path in ("mix.mixup_alpha", "mix.cutmix_alpha"):
         number(path, 0)
     number("mix.prob", 0, 1)

@@ -1,6 +1,7 @@
 """The training recipe: optimizers, layer-wise decay, masks, freezing, EMA, losses, sampling,
 per-class metrics, RandAugment / Random Erasing."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -12,10 +13,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxvision import models
+from jaxvision import config as config_lib, models
+from jaxvision.errors import UserError
 from jaxvision.data import augment, pipeline, sources, transforms
 from jaxvision.train import evaluate, losses, loop, optim
 from jaxvision.train import step as step_lib
+from jaxvision.train.state import TrainState
 from tests.test_engine import final_params, losses as logged_losses, tiny
 
 # timm 1.0.31's layer-decay grouping: (number of ids, smallest scale at decay 0.75)
@@ -142,14 +145,52 @@ def test_linear_probe_leaves_the_backbone_bit_identical(tmp_path):
 
 
 def test_ema_is_trained_evaluated_and_warms_up(tmp_path):
-    from jaxvision.train.step import ema_decay_at
-    assert float(ema_decay_at(jnp.asarray(0), 0.999, True)) == pytest.approx(0.1)
-    assert float(ema_decay_at(jnp.asarray(10 ** 6), 0.999, True)) == pytest.approx(0.999)
+    opts = step_lib.StepOptions(num_classes=2, mean=(0.0,), std=(1.0,), ema_decay=0.999)
+    assert float(step_lib.ema_decay_at(jnp.asarray(0), opts)) == pytest.approx(0.1)
+    assert float(step_lib.ema_decay_at(jnp.asarray(10 ** 6), opts)) == pytest.approx(0.999)
+    ramped = dataclasses.replace(opts, ema_ramp=3.0, total_steps=100)
+    assert float(step_lib.ema_decay_at(jnp.asarray(50), ramped)) == pytest.approx(0.999 / 8)
     summary = loop.train(tiny(num_steps=4, **{"ema.decay": 0.9}), str(tmp_path))
     assert summary["final_ema_val_top1"] is not None
     import json
     rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     assert any("ema_val_top1" in r for r in rows)
+
+
+def test_lookahead_restarts_from_the_average_every_n_steps_and_at_the_end():
+    """Weights climb by 1 a step; every third step and at the last (7th) the average takes half
+    (then 0.3) of them and they restart from it. A weight that does not train stays bit-exact
+    (0.123 * 0.3 + 0.123 * 0.7 is not 0.123 in float32)."""
+    def run(decay, steps=7):
+        opts = step_lib.StepOptions(num_classes=2, mean=(0.0,), std=(1.0,), ema_decay=decay, ema_warmup=False,
+                                    ema_sync_every=3, total_steps=steps)
+        start = {"w": jnp.zeros(()), "frozen": jnp.full((), 0.123)}
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=start, batch_stats={}, opt_state=None,
+                           ema={"params": start, "batch_stats": {}})
+        seen = []
+        for _ in range(steps):
+            params, stats, ema = step_lib.update_average(state, {**state.params, "w": state.params["w"] + 1}, {},
+                                                         opts)
+            seen.append((float(params["w"]), float(ema["params"]["w"])))
+            state = state.replace(step=state.step + 1, params=params, batch_stats=stats, ema=ema)
+            assert params["frozen"] == start["frozen"] and ema["params"]["frozen"] == start["frozen"]
+        return seen
+    assert run(0.5) == [(1, 0), (2, 0), (1.5, 1.5), (2.5, 1.5), (3.5, 1.5), (3.0, 3.0), (3.5, 3.5)]
+    assert run(0.7, 3)[-1] == pytest.approx((0.9, 0.9))
+
+
+def test_lookahead_trains_and_evaluates_the_averaged_weights_once(tmp_path):
+    import orbax.checkpoint as ocp
+    loop.train(tiny(num_steps=4, **{"ema.decay": 0.5, "ema.sync_every": 3}), str(tmp_path))
+    manager = ocp.CheckpointManager(str(tmp_path / "checkpoints"), item_names=("state", "data"))
+    state = manager.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, state["params"], state["ema"]["params"])
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert any("val_top1" in r for r in rows) and not any("ema_val_top1" in r for r in rows)
+    c = config_lib.base()
+    c.ema.sync_every = 5
+    with pytest.raises(UserError, match="config.ema.sync_every must be lookahead with ema.decay > 0"):
+        config_lib.check(c)
 
 
 def test_mixing_trains_end_to_end(tmp_path):

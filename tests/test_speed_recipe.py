@@ -87,6 +87,10 @@ def test_learning_rate_multipliers_scale_the_matching_updates():
     np.testing.assert_allclose(updates["groups_0"]["norm1"]["bias"], -6.4)
     np.testing.assert_allclose(updates["groups_0"]["conv1"]["kernel"], -0.1)
     c = config_lib.base()
+    c.optim.wd_mults = (("norm",),)
+    with pytest.raises(UserError, match="config.optim.wd_mults must be"):
+        config_lib.check(c)
+    c.optim.wd_mults = ()
     c.optim.lr_mults = (("norm", "fast"),)
     with pytest.raises(UserError, match="config.optim.lr_mults must be"):
         config_lib.check(c)
@@ -94,6 +98,31 @@ def test_learning_rate_multipliers_scale_the_matching_updates():
     c.data.flip = "sometimes"
     with pytest.raises(UserError, match="config.data.flip must be one of random, alternate"):
         config_lib.check(c)
+
+
+def test_weight_decay_multipliers_undo_the_learning_rate_multipliers():
+    """wd_mults (("norm", 1/64), (".", 1)) beside a 64x norm rate decay every parameter at the same
+    rate (airbench's bias_scaler); without wd_mults 1-D parameters are not decayed."""
+    params = {"groups_0": {"norm1": {"bias": jnp.full(4, 2.0)}, "conv1": {"kernel": jnp.full((3, 3, 4, 4), 2.0)}}}
+    cfg = ml_collections.ConfigDict({"name": "sgd", "lr": 0.1, "momentum": 0.0, "schedule": "constant",
+                                     "warmup_steps": 0, "weight_decay": 0.5, "lr_mults": (("norm", 64.0),),
+                                     "wd_mults": (("norm", 1 / 64), (".", 1.0))})
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+
+    def decay_steps(cfg):
+        tx = optim.optimizer(cfg, 10, "speednet", params)
+        updates, _ = tx.update(zeros, tx.init(params), params)
+        return updates["groups_0"]["norm1"]["bias"], updates["groups_0"]["conv1"]["kernel"]
+    bias, kernel = decay_steps(cfg)
+    np.testing.assert_allclose(bias, -0.1, rtol=1e-6)
+    np.testing.assert_allclose(kernel, -0.1, rtol=1e-6)
+    cfg.wd_mults = ()
+    bias, kernel = decay_steps(cfg)
+    np.testing.assert_array_equal(bias, 0.0)
+    np.testing.assert_allclose(kernel, -0.1, rtol=1e-6)
+    cfg.update({"name": "adamw", "wd_mults": (("norm", 0.5),)})
+    with pytest.raises(UserError, match="adamw decays weights itself"):
+        optim.optimizer(cfg, 10, "speednet", params)
 
 
 def _recipe(name: str, folder, **overrides):

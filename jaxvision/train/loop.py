@@ -51,7 +51,7 @@ def class_weights(spec: str, source: sources.Source | None, num_classes: int):
     return weights
 
 
-def step_options(s: Setup, param_shapes, stats_shapes) -> step_lib.StepOptions:
+def step_options(s: Setup, param_shapes, stats_shapes, steps: int = 0) -> step_lib.StepOptions:
     c = s.config
     distill = None
     if s.distilling:
@@ -67,13 +67,15 @@ def step_options(s: Setup, param_shapes, stats_shapes) -> step_lib.StepOptions:
         focal_gamma=c.loss.focal_gamma, label_smoothing=c.loss.label_smoothing,
         class_weights=class_weights(c.loss.class_weights, s.train_source, s.num_classes),
         mix=mix_lib.MixConfig.from_config(c.mix, c.loss.label_smoothing),
-        ema_decay=c.ema.decay, ema_warmup=c.ema.warmup, keep_stats=keep_stats, distill=distill)
+        ema_decay=c.ema.decay, ema_warmup=c.ema.warmup, ema_ramp=c.ema.ramp, ema_sync_every=c.ema.sync_every,
+        total_steps=steps, keep_stats=keep_stats, distill=distill)
 
 
-def jit_train_step(s: Setup, tx, shapes, shardings):
-    """The compiled step `(state, batch, teacher_variables)`; the state is donated, the teacher's
-    variables (None without distillation) are laid out like the student's and never written."""
-    step = step_lib.make_train_step(s.model, tx, step_options(s, shapes.params, shapes.batch_stats), s.mesh)
+def jit_train_step(s: Setup, tx, shapes, shardings, steps: int = 0):
+    """The compiled step `(state, batch, teacher_variables)` of a run of `steps` steps (for the EMA's
+    ramp and lookahead's last sync); the state is donated, the teacher's variables (None without
+    distillation) are laid out like the student's and never written."""
+    step = step_lib.make_train_step(s.model, tx, step_options(s, shapes.params, shapes.batch_stats, steps), s.mesh)
     teacher_shardings = s.teacher_shapes()[1] if s.distilling else None
     return jax.jit(step, in_shardings=(shardings, s.batch_shardings(), teacher_shardings),
                    out_shardings=(shardings, mesh_lib.replicated(s.mesh)), donate_argnums=0)
@@ -202,7 +204,7 @@ def _train(config, workdir: str, wall_start: float) -> dict:
             logging.info("initialised from %s (new head: %s)", source, heads or "none")
         if config.model.whiten:
             state = whiten_first_conv(s, state)
-    train_step = jit_train_step(s, tx, shapes, shardings)
+    train_step = jit_train_step(s, tx, shapes, shardings, steps)
     eval_step = jit_eval_step(s, shardings.variables())
     teacher = load_teacher(s)
     accumulate = config.optim.accumulate
@@ -253,7 +255,7 @@ def _train(config, workdir: str, wall_start: float) -> dict:
                 logged_rows = []
             if eval_now:
                 result = run_eval(s, eval_step, state.variables(), workdir, step)
-                if state.ema is not None:
+                if state.ema is not None and not config.ema.sync_every:  # lookahead: weights are the average
                     result.update(run_eval(s, eval_step, state.ema, workdir, step, prefix="ema_val_"))
                 evals[step] = result
                 writer.write(step, result)
@@ -346,7 +348,7 @@ def plan(config, workdir: str | None = None, *, lower: bool = True) -> str:
              "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
     teacher = s.teacher_shapes()[0] if s.distilling else None
     t = time.perf_counter()
-    lowered = jit_train_step(s, tx, shapes, shardings).trace(shapes, batch, teacher).lower(
+    lowered = jit_train_step(s, tx, shapes, shardings, 1000).trace(shapes, batch, teacher).lower(
         lowering_platforms=(platform,))
     seconds = time.perf_counter() - t
     cost = lowered.cost_analysis()

@@ -5,8 +5,8 @@ the schedule as its learning rate and, by name, the fields of `config.optim` it 
 momentum with nesterov (where it takes both: sgd, lars, rmsprop), weight decay with its mask, and
 anything in `optim.kwargs`. An optimizer without weight decay of its own is chained after optax's
 `add_decayed_weights`. Then: schedule (cosine, linear, step, constant) with warm-up, grad_clip
-(global norm, 0 = off), freezing, layer-wise decay, learning-rate multipliers by parameter path
-(lr_mults), accumulate (gradient accumulation steps).
+(global norm, 0 = off), freezing, layer-wise decay, learning-rate and weight-decay multipliers by
+parameter path (lr_mults, wd_mults), accumulate (gradient accumulation steps).
 """
 
 from __future__ import annotations
@@ -91,13 +91,35 @@ def by_name(cfg, learning_rate) -> optax.GradientTransformation:
     if "momentum" in params and "nesterov" in params:
         args.update(momentum=cfg.get("momentum", 0.9), nesterov=bool(cfg.get("nesterov", False)))
     wd = float(cfg.get("weight_decay", 0.0))
+    mults = tuple(cfg.get("wd_mults", ()))
     decay = next((k for k in ("weight_decay", "weight_decay_rate") if k in params), None)
     if decay:
+        if any(float(f) not in (0.0, 1.0) for _, f in mults):
+            raise UserError(f"config.optim.wd_mults: {cfg.get('name')} decays weights itself, so factors can only "
+                            "be 0 or 1 (a mask); other factors need an optimizer such as sgd")
+        mask = (lambda p: jax.tree_util.tree_map(bool, wd_multipliers(p, mults))) if mults else decay_mask
         args[decay] = wd if decay == "weight_decay" else (wd or None)
-        args.update({k: decay_mask for k in ("mask", "weight_decay_mask", "trust_ratio_mask") if k in params})
+        args.update({k: mask for k in ("mask", "weight_decay_mask", "trust_ratio_mask") if k in params})
     args.update(dict(cfg.get("kwargs", {})))
     tx = make(learning_rate, **args)
-    return optax.chain(optax.add_decayed_weights(wd, decay_mask), tx) if wd and not decay else tx
+    return optax.chain(decayed_weights(wd, mults), tx) if wd and not decay else tx
+
+
+def wd_multipliers(params, mults) -> dict:
+    """Per parameter, the factor of the first (regex, factor) pair in `mults` whose regex matches
+    its path (big_vision's `wd_mults`; unmatched parameters are not decayed), or with no pairs
+    `decay_mask`'s 1 or 0."""
+    if not mults:
+        return jax.tree_util.tree_map(float, decay_mask(params))
+    return lr_multipliers(params, tuple(mults) + ((".*", 0.0),))
+
+
+def decayed_weights(wd: float, mults=()) -> optax.GradientTransformation:
+    """optax.add_decayed_weights with each parameter's decay times its `wd_multipliers` factor."""
+    def update(updates, state, params):
+        factors = wd_multipliers(params, mults)
+        return jax.tree_util.tree_map(lambda g, p, f: g + wd * f * p if f else g, updates, params, factors), state
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
 # --- layer-wise learning-rate decay ------------------------------------------------------------

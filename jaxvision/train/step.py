@@ -53,6 +53,9 @@ class StepOptions:
     mix: mix_lib.MixConfig = mix_lib.MixConfig()
     ema_decay: float = 0.0  # 0: no EMA
     ema_warmup: bool = True
+    ema_ramp: float = 0.0  # > 0: the decay grows as decay * (step / total_steps) ** ema_ramp
+    ema_sync_every: int = 0  # > 0: lookahead, the weights restart from the average every N steps
+    total_steps: int = 0
     keep_stats: Any = None  # tree over batch_stats, True where statistics stay frozen
     distill: Distill | None = None
 
@@ -80,12 +83,33 @@ def teacher_view(x, d: Distill):
     return standardize(x, d.mean, d.std)
 
 
-def ema_decay_at(step, decay: float, warmup: bool):
-    """EMA decay with the usual warm-up min(decay, (1 + t) / (10 + t)): early averages are short."""
-    if not warmup:
-        return jnp.asarray(decay, jnp.float32)
+def ema_decay_at(step, opts: StepOptions):
+    """The EMA's decay at `step`: with the usual warm-up min(decay, (1 + t) / (10 + t)) early
+    averages are short; a ramp (decay * (t / T) ** ramp, airbench's lookahead uses 3) keeps the
+    average nearly off until late in training."""
     t = step.astype(jnp.float32)
-    return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+    if opts.ema_ramp > 0:
+        return opts.ema_decay * jnp.minimum(t / max(opts.total_steps, 1), 1.0) ** opts.ema_ramp
+    if not opts.ema_warmup:
+        return jnp.asarray(opts.ema_decay, jnp.float32)
+    return jnp.minimum(opts.ema_decay, (1.0 + t) / (10.0 + t))
+
+
+def update_average(state: TrainState, params, stats, opts: StepOptions):
+    """(params, batch_stats, ema) after this step's EMA update. With `ema_sync_every`, lookahead
+    (Zhang et al. 2019): the average moves only every N steps (and at the last step), and the
+    weights then restart from it, so training ends on the averaged weights."""
+    new = {"params": params, "batch_stats": stats}
+    if opts.ema_decay <= 0:
+        return params, stats, state.ema
+    rate = 1.0 - ema_decay_at(state.step, opts)  # as a lerp, so what does not train stays bit-exact
+    averaged = jax.tree_util.tree_map(lambda n, old: old + rate * (n - old), new, state.ema)
+    if not opts.ema_sync_every:
+        return params, stats, averaged
+    sync = ((state.step + 1) % opts.ema_sync_every == 0) | (state.step + 1 == opts.total_steps)
+    ema = jax.tree_util.tree_map(lambda a, old: jnp.where(sync, a, old), averaged, state.ema)
+    weights = jax.tree_util.tree_map(lambda a, w: jnp.where(sync, a, w), averaged, new)
+    return weights["params"], weights["batch_stats"], ema
 
 
 def _pre_logits(updates):
@@ -150,10 +174,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, opts: St
         if opts.keep_stats is not None:
             stats = jax.tree_util.tree_map(lambda keep, old, new: old if keep else new,
                                            opts.keep_stats, state.batch_stats, stats)
-        ema = state.ema
-        if opts.ema_decay > 0:
-            decay = ema_decay_at(state.step, opts.ema_decay, opts.ema_warmup)
-            ema = optax.incremental_update({"params": params, "batch_stats": stats}, ema, 1.0 - decay)
+        params, stats, ema = update_average(state, params, stats, opts)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
                                   opt_state=opt_state, ema=ema)
         metrics = {"loss": loss, "train_top1": losses.topk_correct(logits, batch["label"], 1).mean(),
