@@ -17,7 +17,8 @@ tuning and for the README's figures. The recipe is configuration over general fe
 - test-time augmentation over flips and 1 px translations (tta=flip_translate), once at the end.
 Learning rates are for the mean loss at batch 1024 (the records' sum-loss rates times 1024).
 The records reach 94% on CIFAR-10's PNG test set; on the JPEG copy used here (quality ~75, 4:2:0
-chroma) this reached 90.19% on the 5,000 held out (seed 0) in 20.5 minutes on 2 Intel Xeon cores:
+chroma) this reached 90.19% on the 5,000 held out (seed 0) in 20.5 minutes on 2 Intel Xeon cores,
+before lookahead and wd_mults were added (not re-run since):
 experiments/results/cifar10_speed_tuning.md.
 """
 
