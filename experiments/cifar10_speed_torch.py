@@ -27,7 +27,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from jaxvision import config as config_lib, models
 from jaxvision.data import sources
-from jaxvision.train import whiten
+from jaxvision.train import step as step_lib, whiten
 
 PORTED = {  # the config fields this port implements, with their supported values (None: any)
     "model.name": ("speednet",), "data.augment": ("pad_crop_flip",), "optim.name": ("sgd",),
@@ -49,11 +49,10 @@ def check_ported(c):
 
 
 def lookahead_decay(c, step: int, steps: int) -> float:
-    """jaxvision's ema_decay_at (train/step.py)."""
-    e = c.ema
-    if e.ramp > 0:
-        return e.decay * min(step / max(steps, 1), 1.0) ** e.ramp
-    return min(e.decay, (1 + step) / (10 + step)) if e.warmup else e.decay
+    """The slow weights' decay at `step`: jaxvision's own ema_decay_at."""
+    opts = step_lib.StepOptions(num_classes=0, mean=(), std=(), ema_decay=c.ema.decay, ema_warmup=c.ema.warmup,
+                                ema_ramp=c.ema.ramp, total_steps=steps)
+    return float(step_lib.ema_decay_at(np.asarray(step), opts))
 
 
 # --- the network: jaxvision/models/speednet.py, in torch -----------------------------------------
